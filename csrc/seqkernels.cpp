@@ -1,0 +1,81 @@
+// seqkernels._C: the operator schemas of the seqkernels library and the build facts.
+//
+// Every op is declared here, in one place, with its schema. Its CPU body lives next to
+// its family (csrc/rnn/, csrc/attention/) and registers itself with
+// TORCH_LIBRARY_IMPL(seqkernels, CPU, m); CUDA bodies register for CUDA (C++) or from
+// Python (Triton). Fake kernels and autograd are registered from Python
+// (python/seqkernels/ops/).
+
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include "common.h"
+
+namespace seqkernels {
+
+std::atomic<bool>& poison_outputs_flag() {
+  static std::atomic<bool> flag{false};
+  return flag;
+}
+
+}  // namespace seqkernels
+
+TORCH_LIBRARY(seqkernels, m) {
+  // Flash attention (csrc/attention/, kernels/). q: (B, H, Lq, D), k: (B, Hk, Lk, D),
+  // v: (B, Hk, Lk, Dv). causal: bottom-right alignment when bottom_right, else top-left.
+  // Returns the output (B, H, Lq, Dv) and the fp32 log-sum-exp of each row (B, H, Lq).
+  m.def(
+      "flash_attention_forward(Tensor q, Tensor k, Tensor v, bool causal, bool bottom_right, "
+      "float scale) -> (Tensor, Tensor)");
+  m.def(
+      "flash_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, "
+      "Tensor lse, bool causal, bool bottom_right, float scale) -> (Tensor, Tensor, Tensor)");
+}
+
+namespace {
+
+pybind11::dict build_info() {
+  pybind11::dict d;
+#ifdef SEQKERNELS_WITH_CUDA
+  d["cuda_compiled"] = true;
+  d["cuda_archs"] = std::string(SEQKERNELS_CUDA_ARCHS);
+#else
+  d["cuda_compiled"] = false;
+  d["cuda_archs"] = std::string();
+#endif
+  d["torch_version_compiled"] = std::string(TORCH_VERSION);
+  d["cpu_threads"] = at::get_num_threads();
+  d["parallel_backend"] = at::get_parallel_info();
+#if defined(_OPENMP)
+  d["openmp"] = true;
+#else
+  d["openmp"] = false;
+#endif
+  std::string isa;
+#if defined(__AVX512F__)
+  isa = "avx512";
+#elif defined(__AVX2__)
+  isa = "avx2";
+#elif defined(__ARM_NEON)
+  isa = "neon";
+#else
+  isa = "generic";
+#endif
+  d["cpu_isa_compiled"] = isa;
+  return d;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "seqkernels compiled core: op registrations and build facts";
+  m.def("build_info", &build_info, "Facts about how seqkernels._C was built");
+  m.def(
+      "set_poison_outputs",
+      [](bool on) { return seqkernels::poison_outputs_flag().exchange(on); },
+      "Fill every kernel output with NaN before the kernel writes it; returns the previous setting");
+  m.def(
+      "poison_outputs", []() { return seqkernels::poison_outputs_flag().load(); },
+      "Whether kernel outputs are NaN-poisoned");
+}

@@ -1,0 +1,1 @@
+"""Triton kernels (installed as ``seqkernels.kernels``): @triton.jit functions and their launchers."""

@@ -1,0 +1,19 @@
+"""seqkernels: fused kernels for sequence models (tanh RNN, LSTM, flash attention).
+
+Importing the package loads the compiled core ``seqkernels._C``, which registers the
+``torch.ops.seqkernels.*`` operators, and the Python registrations (fake kernels,
+autograd, device dispatch) in :mod:`seqkernels.ops`.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+import torch  # noqa: F401  (the extension needs torch's libraries loaded first)
+
+from . import _C  # noqa: F401
+from . import reference
+from ._info import build_info
+
+
+__all__ = ["__version__", "build_info", "reference"]

@@ -1,0 +1,1 @@
+"""Custom-op registrations: fake kernels, autograd and device dispatch, one module per family."""

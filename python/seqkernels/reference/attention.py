@@ -1,0 +1,119 @@
+"""Reference attention: softmax(Q K^T * scale + mask) V with the full (Lq, Lk) matrix.
+
+This materializes the n x n score matrix on purpose: it is the textbook definition, the
+oracle the fused kernels are tested against, and the O(n^2) curve of the memory profile.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+
+def causal_mask(lq: int, lk: int, bottom_right: bool = False, device=None) -> Tensor:
+    """Boolean (lq, lk) mask, True where query i may attend key j.
+
+    Top-left (torch's ``is_causal``): j <= i.
+    Bottom-right (FlashAttention's convention, as decoding needs): j <= i + lk - lq, so the
+    last query sees every key. The two agree when lq == lk.
+    """
+    i = torch.arange(lq, device=device).unsqueeze(1)
+    j = torch.arange(lk, device=device).unsqueeze(0)
+    return j <= i + (lk - lq if bottom_right else 0)
+
+
+def _safe_softmax(scores: Tensor) -> Tensor:
+    """softmax over the last dim; a row that is entirely -inf gives zeros, not NaN."""
+    row_max = scores.amax(dim=-1, keepdim=True)
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    e = torch.exp(scores - row_max)
+    s = e.sum(dim=-1, keepdim=True)
+    return e / torch.where(s == 0, torch.ones_like(s), s)
+
+
+def _expand_kv_heads(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """Grouped-query attention: repeat each k/v head over its group of query heads."""
+    hq, hk = q.shape[-3], k.shape[-3]
+    if hq % hk != 0:
+        raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hk})")
+    g = hq // hk
+    return k.repeat_interleave(g, dim=-3), v.repeat_interleave(g, dim=-3)
+
+
+def scaled_dot_product_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Optional[Tensor] = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: Optional[float] = None,
+    enable_gqa: bool = False,
+    *,
+    dropout_mask: Optional[Tensor] = None,
+    return_probs: bool = False,
+):
+    """The semantics of ``torch.nn.functional.scaled_dot_product_attention``.
+
+    out = dropout(softmax(Q K^T * scale + bias)) V, with scale = 1/sqrt(E) by default and
+    bias built from ``is_causal`` (top-left: query i sees keys j <= i) and ``attn_mask``
+    (boolean: True = takes part; float: added to the scores), broadcast to (..., L, S).
+    ``enable_gqa`` repeats the key/value heads (dim -3) to the query heads.
+
+    Dropout zeroes probabilities with probability ``dropout_p`` and scales the kept ones by
+    1/(1-p); ``dropout_mask`` (boolean, True = kept) fixes which, for tests.
+
+    A row with no visible key gives zeros (torch's math backend does the same).
+    Returns out (..., L, Ev), or (out, probs) with ``return_probs`` (probs after dropout).
+    """
+    if is_causal and attn_mask is not None:
+        raise ValueError("attn_mask and is_causal cannot both be set")
+    L, S = query.shape[-2], key.shape[-2]
+    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
+    if enable_gqa:
+        key, value = _expand_kv_heads(query, key, value)
+    scores = (query @ key.transpose(-2, -1)) * scale
+    if is_causal:
+        attn_mask = causal_mask(L, S, bottom_right=False, device=query.device)
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        else:
+            scores = scores + attn_mask
+    probs = _safe_softmax(scores)
+    if dropout_p > 0.0:
+        if dropout_mask is None:
+            dropout_mask = torch.rand_like(probs) >= dropout_p
+        probs = probs * dropout_mask / (1.0 - dropout_p)
+    out = probs @ value
+    return (out, probs) if return_probs else out
+
+
+def flash_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    causal: bool = False,
+    scale: Optional[float] = None,
+    bottom_right: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """The convention of :func:`seqkernels.flash_attention`, materialized.
+
+    q (B, H, Lq, D), k (B, Hk, Lk, D), v (B, Hk, Lk, Dv) with Hk dividing H (grouped-query
+    heads). ``causal`` aligns the mask bottom-right by default (query i sees keys
+    j <= i + Lk - Lq), top-left with ``bottom_right=False``.
+
+    Returns (out (B, H, Lq, Dv), lse (B, H, Lq)) where lse is the log-sum-exp of each row of
+    scaled, masked scores (-inf for a row that sees no key, whose output is zero).
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    k, v = _expand_kv_heads(q, k, v)
+    scores = (q @ k.transpose(-2, -1)) * scale
+    if causal:
+        mask = causal_mask(q.shape[-2], k.shape[-2], bottom_right=bottom_right, device=q.device)
+        scores = scores.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    return _safe_softmax(scores) @ v, lse

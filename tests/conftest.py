@@ -1,0 +1,44 @@
+"""Shared pytest set-up: markers, seeding, NaN-poisoned kernel outputs, the Triton interpreter.
+
+- ``gpu`` tests skip with a reason where no CUDA device is visible.
+- ``interpreter`` tests run Triton kernels on CPU tensors under ``TRITON_INTERPRET=1``;
+  without a GPU the variable is set here, before any Triton kernel is defined.
+- Every test starts seeded and with kernel outputs NaN-poisoned
+  (:func:`seqkernels.testing.poison_outputs`).
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from seqkernels import testing  # noqa: E402
+
+HAS_GPU = torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs an NVIDIA GPU (run `make gpu-check` on one)")
+    skip_interp = pytest.mark.skip(reason="needs Triton (TRITON_INTERPRET=1 on the CPU)")
+    try:
+        import triton  # noqa: F401
+
+        has_triton = True
+    except ImportError:
+        has_triton = False
+    for item in items:
+        if "gpu" in item.keywords and not HAS_GPU:
+            item.add_marker(skip_gpu)
+        if "interpreter" in item.keywords and not has_triton:
+            item.add_marker(skip_interp)
+
+
+@pytest.fixture(autouse=True)
+def _seeded_and_poisoned():
+    testing.seed(0)
+    with testing.poison_outputs():
+        yield
