@@ -24,13 +24,14 @@ std::atomic<bool>& poison_outputs_flag() {
 TORCH_LIBRARY(seqkernels, m) {
   // Flash attention (csrc/attention/, kernels/). q: (B, H, Lq, D), k: (B, Hk, Lk, D),
   // v: (B, Hk, Lk, Dv). causal: bottom-right alignment when bottom_right, else top-left.
-  // Returns the output (B, H, Lq, Dv) and the fp32 log-sum-exp of each row (B, H, Lq).
+  // Returns the output (B, H, Lq, Dv) and the log-sum-exp of each row (B, H, Lq), in fp32
+  // (fp64 for fp64 inputs). The backward takes the gradient of the LSE too (None = zero).
   m.def(
       "flash_attention_forward(Tensor q, Tensor k, Tensor v, bool causal, bool bottom_right, "
       "float scale) -> (Tensor, Tensor)");
   m.def(
-      "flash_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, "
-      "Tensor lse, bool causal, bool bottom_right, float scale) -> (Tensor, Tensor, Tensor)");
+      "flash_attention_backward(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, "
+      "Tensor out, Tensor lse, bool causal, bool bottom_right, float scale) -> (Tensor, Tensor, Tensor)");
 }
 
 namespace {

@@ -14,6 +14,7 @@ import torch  # noqa: F401  (the extension needs torch's libraries loaded first)
 from . import _C  # noqa: F401
 from . import reference
 from ._info import build_info
+from .ops.attention import flash_attention
 
 
-__all__ = ["__version__", "build_info", "reference"]
+__all__ = ["__version__", "build_info", "flash_attention", "reference"]

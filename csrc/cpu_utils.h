@@ -1,0 +1,163 @@
+// CPU building blocks shared by the CPU kernels: at::vec with the ISA this file is
+// compiled for, row-major GEMM on raw pointers, and vectorized row operations.
+#pragma once
+
+// at::vec picks its implementation from CPU_CAPABILITY_* macros that torch's own build
+// defines per ISA. An extension has to define them itself: follow what the compiler
+// targets (-march, see setup.py), so the AVX512/AVX2 paths are used when available.
+#if !defined(CPU_CAPABILITY)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__)
+#define CPU_CAPABILITY_AVX512
+#define CPU_CAPABILITY AVX512
+#elif defined(__AVX2__) && defined(__FMA__)
+#define CPU_CAPABILITY_AVX2
+#define CPU_CAPABILITY AVX2
+#else
+#define CPU_CAPABILITY DEFAULT
+#endif
+#endif
+
+#include <ATen/ATen.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <cmath>
+#include <limits>
+#include <type_traits>
+
+namespace seqkernels::cpu {
+
+enum class Trans : char { N = 'N', T = 'T' };
+constexpr Trans N = Trans::N;
+constexpr Trans T = Trans::T;
+
+}  // namespace seqkernels::cpu
+
+// The Fortran BLAS GEMMs. torch's x86 builds link MKL statically and export these from
+// libtorch_cpu; they are declared weak so that a torch built without them still loads,
+// and gemm_rm below then falls back to at::mm. (at::native::cpublas::gemm would be the
+// natural call, but libtorch does not export it.)
+extern "C" {
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+            const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+            const float* beta, float* c, const int* ldc) __attribute__((weak));
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+            const double* alpha, const double* a, const int* lda, const double* b,
+            const int* ldb, const double* beta, double* c, const int* ldc) __attribute__((weak));
+}
+
+namespace seqkernels::cpu {
+
+inline bool have_blas() { return sgemm_ != nullptr && dgemm_ != nullptr; }
+
+template <typename scalar_t>
+void gemm_colmajor(Trans ta, Trans tb, int m, int n, int k, scalar_t alpha, const scalar_t* a,
+                   int lda, const scalar_t* b, int ldb, scalar_t beta, scalar_t* c, int ldc) {
+  const char cta = static_cast<char>(ta), ctb = static_cast<char>(tb);
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    sgemm_(&cta, &ctb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc);
+  } else {
+    dgemm_(&cta, &ctb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc);
+  }
+}
+
+// Row-major C (m x n, leading dim ldc) = alpha * op(A) op(B) + beta * C, with op(A) m x k
+// and op(B) k x n, A and B row-major with leading dims lda, ldb. BLAS is column-major: a
+// row-major matrix is its transpose in column-major, so C^T = op(B)^T op(A)^T is one
+// column-major GEMM with the operands swapped and the same transpose flags.
+template <typename scalar_t>
+inline void gemm_rm(Trans ta, Trans tb, int64_t m, int64_t n, int64_t k, scalar_t alpha,
+                    const scalar_t* a, int64_t lda, const scalar_t* b, int64_t ldb,
+                    scalar_t beta, scalar_t* c, int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  if (have_blas()) {
+    gemm_colmajor<scalar_t>(tb, ta, n, m, k, alpha, b, ldb, a, lda, beta, c, ldc);
+    return;
+  }
+  // Fallback: the same product through at::mm on tensors wrapping the buffers.
+  auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<scalar_t>::value);
+  auto wrap = [&](const scalar_t* p, Trans t, int64_t rows, int64_t cols, int64_t ld) {
+    // op(X) is rows x cols; X itself is stored row-major with leading dim ld.
+    at::Tensor x = t == Trans::N
+        ? at::from_blob(const_cast<scalar_t*>(p), {rows, cols}, {ld, 1}, opts)
+        : at::from_blob(const_cast<scalar_t*>(p), {cols, rows}, {ld, 1}, opts).t();
+    return x;
+  };
+  at::Tensor C = at::from_blob(c, {m, n}, {ldc, 1}, opts);
+  at::Tensor prod = at::mm(wrap(a, ta, m, k, lda), wrap(b, tb, k, n, ldb)).mul_(alpha);
+  if (beta == scalar_t(0)) {
+    C.copy_(prod);
+  } else {
+    C.mul_(beta).add_(prod);
+  }
+}
+
+// max of x[0:n]. Four independent accumulators: a single chain of vector max
+// instructions would be bound by their latency, not by loads.
+template <typename scalar_t>
+inline scalar_t row_max(const scalar_t* x, int64_t n) {
+  using Vec = at::vec::Vectorized<scalar_t>;
+  constexpr int64_t W = Vec::size();
+  const Vec lowest(-std::numeric_limits<scalar_t>::infinity());
+  Vec m0 = lowest, m1 = lowest, m2 = lowest, m3 = lowest;
+  int64_t j = 0;
+  for (; j + 4 * W <= n; j += 4 * W) {
+    m0 = at::vec::maximum(m0, Vec::loadu(x + j));
+    m1 = at::vec::maximum(m1, Vec::loadu(x + j + W));
+    m2 = at::vec::maximum(m2, Vec::loadu(x + j + 2 * W));
+    m3 = at::vec::maximum(m3, Vec::loadu(x + j + 3 * W));
+  }
+  for (; j + W <= n; j += W) m0 = at::vec::maximum(m0, Vec::loadu(x + j));
+  m0 = at::vec::maximum(at::vec::maximum(m0, m1), at::vec::maximum(m2, m3));
+  scalar_t m = at::vec::vec_reduce_all<scalar_t>([](Vec a, Vec b) { return at::vec::maximum(a, b); }, m0);
+  for (; j < n; ++j) m = std::max(m, x[j]);
+  return m;
+}
+
+// x[j] = exp(x[j] - sub); returns the sum. exp(-inf) = 0, so masked entries drop out.
+// float uses at::vec's exp_u20 (max error 20 ulp, ~2.4e-6 relative): well inside the
+// float32 tolerance and several times faster than the 1-ulp exp (its cheaper sibling
+// fexp_u20 was measured at 3e-4 error here: too coarse). double is exact std::exp.
+inline float exp_sub_sum(float* x, int64_t n, float sub) {
+  using Vec = at::vec::Vectorized<float>;
+  constexpr int64_t W = Vec::size();
+  const Vec vsub(sub);
+  Vec acc0(0.f), acc1(0.f);
+  int64_t j = 0;
+  for (; j + 2 * W <= n; j += 2 * W) {
+    Vec e0 = (Vec::loadu(x + j) - vsub).exp_u20();
+    Vec e1 = (Vec::loadu(x + j + W) - vsub).exp_u20();
+    e0.store(x + j);
+    e1.store(x + j + W);
+    acc0 = acc0 + e0;
+    acc1 = acc1 + e1;
+  }
+  for (; j + W <= n; j += W) {
+    Vec e = (Vec::loadu(x + j) - vsub).exp_u20();
+    e.store(x + j);
+    acc0 = acc0 + e;
+  }
+  float s = at::vec::vec_reduce_all<float>([](Vec a, Vec b) { return a + b; }, acc0 + acc1);
+  for (; j < n; ++j) {
+    x[j] = std::exp(x[j] - sub);
+    s += x[j];
+  }
+  return s;
+}
+
+inline double exp_sub_sum(double* x, int64_t n, double sub) {
+  double s = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    x[j] = std::exp(x[j] - sub);
+    s += x[j];
+  }
+  return s;
+}
+
+template <typename scalar_t>
+inline void scale_row(scalar_t* x, int64_t n, scalar_t a) {
+  using Vec = at::vec::Vectorized<scalar_t>;
+  at::vec::map([a](Vec v) { return v * Vec(a); }, x, x, n);
+}
+
+}  // namespace seqkernels::cpu
