@@ -1,0 +1,44 @@
+"""Attention: seqkernels.flash_attention against torch SDPA and the reference.
+
+Groups are "attention-{device}-{fwd|fwdbwd}-L{L}-{causal|full}", so --benchmark-compare
+lines up the same shape across runs, and within a group the implementations compare.
+"""
+
+import pytest
+import torch
+
+from seqkernels.profiling.cases import build_case
+
+IMPLS = ["seqkernels", "sdpa", "reference"]
+
+
+def _run(benchmark, device, impl, L, D, causal, backward, rounds):
+    if impl == "reference" and L > 2048:
+        pytest.skip("the reference's L x L matrices are too large to be worth timing")
+    fn = build_case(f"attention.{impl}", dict(B=1, H=8, L=L, D=D, causal=causal, backward=backward), device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def call():
+        fn()
+        sync()
+
+    benchmark.group = f"attention-{device}-{'fwdbwd' if backward else 'fwd'}-L{L}-D{D}-{'causal' if causal else 'full'}"
+    benchmark.pedantic(call, rounds=rounds, warmup_rounds=1)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwdbwd"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("L", [1024, 4096])
+def test_attention_cpu(benchmark, impl, backward, causal, L):
+    _run(benchmark, "cpu", impl, L, 64, causal, backward, rounds=5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwdbwd"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("L", [512, 2048, 8192, 16384])
+@pytest.mark.parametrize("D", [64, 128])
+def test_attention_gpu(benchmark, impl, backward, causal, L, D):
+    _run(benchmark, "cuda", impl, L, D, causal, backward, rounds=20)

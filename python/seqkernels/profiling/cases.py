@@ -1,0 +1,129 @@
+"""Named benchmark cases: ``build_case(name, params, device)`` returns a function that runs
+one measured call. The inputs are built before it, so they are not counted as the call's
+memory; a backward returns its gradients (they are counted) and keeps nothing.
+
+Cases:
+  alloc                         a known allocation of ``params["bytes"]`` bytes (written)
+  attention.scores              the reference's score matrix alone: q @ k^T
+  attention.{reference,sdpa,seqkernels}
+                                attention with params B, H, L (= Lq = Lk), D, causal,
+                                backward, dtype
+  lstm.{seqkernels,torch,cell_loop,reference}
+                                a one-layer LSTM with params T, B, I, H, backward: the fused
+                                kernels, torch.nn.LSTM (oneDNN/cuDNN), torch.nn.LSTMCell
+                                stepped in a Python loop, and the reference
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
+          "bfloat16": torch.bfloat16}
+
+
+def _attention_inputs(p: dict, device: str):
+    dtype = DTYPES[p.get("dtype", "float32")]
+    shape = (p.get("B", 1), p.get("H", 8), p["L"], p.get("D", 64))
+    grad = bool(p.get("backward", False))
+    q, k, v = (torch.randn(shape, dtype=dtype, device=device, requires_grad=grad) for _ in range(3))
+    return q, k, v
+
+
+def attention_impl(name: str):
+    """(q, k, v, causal) -> out for each attention implementation."""
+    import seqkernels
+    from seqkernels import reference as ref
+
+    if name == "reference":
+        return lambda q, k, v, causal: ref.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    if name == "sdpa":
+        return lambda q, k, v, causal: F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    if name == "seqkernels":
+        return lambda q, k, v, causal: seqkernels.flash_attention(q, k, v, causal=causal)
+    raise KeyError(name)
+
+
+def build_case(name: str, p: dict, device: str):
+    if name == "alloc":
+        n = int(p["bytes"]) // 4
+
+        def fn():
+            t = torch.empty(n, dtype=torch.float32, device=device)
+            t.fill_(1.0)
+            return t
+
+        return fn
+
+    if name == "attention.scores":
+        q, k, _ = _attention_inputs(p, device)
+        return lambda: torch.matmul(q, k.transpose(-2, -1))
+
+    if name.startswith("attention."):
+        impl = attention_impl(name.split(".", 1)[1])
+        q, k, v = _attention_inputs(p, device)
+        causal = bool(p.get("causal", False))
+        if not p.get("backward", False):
+            def fwd():
+                with torch.no_grad():
+                    return impl(q, k, v, causal)
+            return fwd
+        go = torch.randn(q.shape[:-1] + (v.shape[-1],), dtype=q.dtype, device=device)
+
+        def fwd_bwd():  # gradients are returned, not stored: no state survives the call
+            return torch.autograd.grad(impl(q, k, v, causal), (q, k, v), go)
+
+        return fwd_bwd
+
+    if name.startswith("lstm."):
+        return _lstm_case(name.split(".", 1)[1], p, device)
+
+    raise KeyError(f"unknown case {name!r}")
+
+
+def _lstm_case(impl: str, p: dict, device: str):
+    import seqkernels
+    from seqkernels import reference as ref
+
+    T, B, I, H = p.get("T", 100), p.get("B", 64), p.get("I", 512), p.get("H", 512)
+    dtype = DTYPES[p.get("dtype", "float32")]
+    backward = bool(p.get("backward", False))
+    torch.manual_seed(0)
+    module = torch.nn.LSTM(I, H).to(device=device, dtype=dtype)
+    cell = torch.nn.LSTMCell(I, H).to(device=device, dtype=dtype)
+    x = torch.randn(T, B, I, device=device, dtype=dtype, requires_grad=backward)
+    weights = ref.weights_from_module(module)
+    if impl == "seqkernels":
+        run = lambda: seqkernels.lstm(x, weights)[0]  # noqa: E731
+    elif impl == "torch":
+        run = lambda: module(x)[0]  # noqa: E731
+    elif impl == "reference":
+        run = lambda: ref.lstm(x, weights)[0]  # noqa: E731
+    elif impl == "cell_loop":
+        def run():
+            h = x.new_zeros(B, H)
+            c = x.new_zeros(B, H)
+            outs = []
+            for t in range(T):
+                h, c = cell(x[t], (h, c))
+                outs.append(h)
+            return torch.stack(outs)
+    else:
+        raise KeyError(f"unknown lstm implementation {impl!r}")
+    params = [x] + (list(cell.parameters()) if impl == "cell_loop" else list(module.parameters()))
+    if not backward:
+        def fwd():
+            with torch.no_grad():
+                return run()
+        return fwd
+    go = torch.randn(T, B, H, device=device, dtype=dtype)
+    return lambda: torch.autograd.grad(run(), params, go)
+
+
+def lstm_flops(T: int, B: int, I: int, H: int, backward: bool = False) -> float:
+    """2 * 4H * (I + H) per step and sequence forward; the backward does twice that."""
+    f = 2.0 * T * B * 4 * H * (I + H)
+    return 3 * f if backward else f

@@ -1,0 +1,55 @@
+"""Timing: the median of repeated runs after warm-up, with CUDA events on a GPU."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+
+@dataclass
+class Timing:
+    median_s: float
+    times_s: list[float] = field(repr=False)
+
+    @property
+    def median_ms(self) -> float:
+        return self.median_s * 1e3
+
+
+def measure_time(fn: Callable[[], object], *, warmup: int = 2, repeat: int = 7,
+                 device: str = "cpu", min_time_s: float = 0.0) -> Timing:
+    """Median wall time of ``fn()`` over ``repeat`` runs after ``warmup`` runs.
+
+    On CUDA each run is timed with CUDA events on the current stream (and synchronized);
+    on the CPU with ``time.perf_counter``. ``min_time_s`` adds repeats until the total
+    measured time reaches it (for very short functions).
+    """
+    for _ in range(warmup):
+        fn()
+    times: list[float] = []
+    cuda = str(device).startswith("cuda")
+    while len(times) < repeat or sum(times) < min_time_s:
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return Timing(statistics.median(times), times)
+
+
+def attention_flops(B: int, H: int, Lq: int, Lk: int, D: int, causal: bool = False,
+                    backward: bool = False) -> float:
+    """The usual count: 4 B H Lq Lk D forward (two GEMMs), halved for causal; forward +
+    backward counts 3.5x the forward (the backward is 2.5x: five GEMMs against two)."""
+    f = 4.0 * B * H * Lq * Lk * D * (0.5 if causal else 1.0)
+    return f * 3.5 if backward else f
