@@ -32,6 +32,31 @@ TORCH_LIBRARY(seqkernels, m) {
   m.def(
       "flash_attention_backward(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, "
       "Tensor out, Tensor lse, bool causal, bool bottom_right, float scale) -> (Tensor, Tensor, Tensor)");
+
+  // Recurrent layers (csrc/rnn/): one direction of one layer over a whole sequence.
+  // x (T, B, I), h0 (B, P), c0 (B, H), w_ih (G*H, I), w_hh (G*H, P), bias = b_ih + b_hh
+  // (G*H), w_hr (P, H) for LSTMP, lengths (B,) int64: steps t >= lengths[b] keep the state
+  // and give a zero output. The forward's extra outputs are what the backward needs:
+  // gates (T, B, 4H) activated, hs (T, B, P) the states (empty without lengths: they are
+  // y then), cs (T, B, H) the cell states, rs (T, B, H) o * tanh(c) (empty without w_hr).
+  m.def(
+      "lstm_layer_forward(Tensor x, Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, Tensor? bias, "
+      "Tensor? w_hr, Tensor? lengths, bool reverse) "
+      "-> (Tensor y, Tensor h_n, Tensor c_n, Tensor gates, Tensor hs, Tensor cs, Tensor rs)");
+  m.def(
+      "lstm_layer_backward(Tensor grad_y, Tensor grad_h_n, Tensor grad_c_n, Tensor x, Tensor h0, "
+      "Tensor c0, Tensor w_ih, Tensor w_hh, Tensor? w_hr, Tensor? lengths, bool reverse, Tensor gates, "
+      "Tensor y, Tensor hs, Tensor cs, Tensor rs, bool has_bias) "
+      "-> (Tensor grad_x, Tensor grad_h0, Tensor grad_c0, Tensor grad_w_ih, Tensor grad_w_hh, "
+      "Tensor grad_bias, Tensor grad_w_hr)");
+  // The Elman RNN (G = 1): h = tanh(z) or relu(z). hs as for the LSTM.
+  m.def(
+      "rnn_layer_forward(Tensor x, Tensor h0, Tensor w_ih, Tensor w_hh, Tensor? bias, Tensor? lengths, "
+      "bool reverse, bool relu) -> (Tensor y, Tensor h_n, Tensor hs)");
+  m.def(
+      "rnn_layer_backward(Tensor grad_y, Tensor grad_h_n, Tensor x, Tensor h0, Tensor w_ih, Tensor w_hh, "
+      "Tensor? lengths, bool reverse, bool relu, Tensor y, Tensor hs, bool has_bias) "
+      "-> (Tensor grad_x, Tensor grad_h0, Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_bias)");
 }
 
 namespace {

@@ -11,7 +11,10 @@ def grads_of(outputs, inputs, seed=1):
     """
     outputs = [o for o in outputs if o is not None]
     g = torch.Generator().manual_seed(seed)
-    loss = sum((o * torch.randn(o.shape, generator=g, dtype=o.dtype).to(o.device)).sum() for o in outputs)
+    # drawn in float64 whatever the dtype, so that two implementations in different dtypes
+    # get the same weights
+    loss = sum((o * torch.randn(o.shape, generator=g, dtype=torch.float64).to(o.device, o.dtype)).sum()
+               for o in outputs)
     inputs = [i for i in inputs if i is not None]
     return torch.autograd.grad(loss, inputs, allow_unused=False)
 

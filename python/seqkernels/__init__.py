@@ -12,9 +12,10 @@ __version__ = "0.1.0"
 import torch  # noqa: F401  (the extension needs torch's libraries loaded first)
 
 from . import _C  # noqa: F401
-from . import reference
+from . import nn, reference
 from ._info import build_info
 from .ops.attention import flash_attention
+from .ops.rnn import lstm, lstm_cell, rnn, rnn_cell
 
 
-__all__ = ["__version__", "build_info", "flash_attention", "reference"]
+__all__ = ["__version__", "build_info", "flash_attention", "lstm", "lstm_cell", "nn", "reference", "rnn", "rnn_cell"]

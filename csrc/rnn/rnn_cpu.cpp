@@ -1,0 +1,316 @@
+// The CPU backend of the recurrent layers (csrc/rnn/rnn_layer.h): BLAS GEMMs called on raw
+// pointers (no dispatcher overhead per time step, which matters at batch 1) and the fused
+// pointwise passes of csrc/rnn/cell_math.h, vectorized with at::vec and parallel over the
+// batch with at::parallel_for. float32 and float64.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include <cstring>
+
+#include "../cpu_utils.h"
+#include "cell_math.h"
+#include "rnn_layer.h"
+
+namespace seqkernels::rnn {
+namespace {
+
+// at::vec activation primitives, the vector counterpart of ScalarMath. For float32 the
+// sigmoid uses exp_u20 (at most 20 ulp, ~2.4e-6 relative) and tanh(x) = 2 sigmoid(2x) - 1
+// (absolute error ~1e-7): both well inside float32 tolerances and about twice as fast as
+// the 1-ulp Sleef functions. float64 keeps the exact ones.
+struct VecMath {
+  using VF = at::vec::Vectorized<float>;
+  static VF sigmoid(VF x) { return VF(1) / (VF(1) + (-x).exp_u20()); }
+  static VF tanh(VF x) { return VF(2) * sigmoid(x + x) - VF(1); }
+  template <typename V>
+  static V sigmoid(V x) { return V(1) / (V(1) + (-x).exp()); }
+  template <typename V>
+  static V tanh(V x) { return x.tanh(); }
+  template <typename V>
+  static V relu(V x) { return at::vec::maximum(x, V(0)); }
+  template <typename V>
+  static V relu_grad(V h, V dh) { return V::blendv(V(0), dh, h > V(0)); }
+};
+
+// Run f(row b) for every batch row in parallel (grain: about 16K elements per task).
+template <typename F>
+void for_rows(const Layer& L, int64_t width, F&& f) {
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(width, 1));
+  at::parallel_for(0, L.B, grain, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) f(b);
+  });
+}
+
+inline bool masked(const Layer& L, int64_t t, int64_t b) { return L.lengths && t >= L.lengths[b]; }
+
+// oneDNN's matmul, through torch's own ops mkldnn::_linear_pointwise (Y = X W^T) and
+// mkldnn::_reorder_linear_weight (W packed once for a given batch size), which x86 and
+// aarch64 builds of torch register. On this project's AMD machines MKL's sgemm (what
+// at::mm and cblas reach) runs its AVX2 code at about half the speed of oneDNN's AVX-512
+// kernels, which nn.LSTM uses: measured 145 (MKL), 352 (oneDNN) and 489 GFLOP/s (oneDNN,
+// packed W) for the per-step 64 x 512 x 2048 product. Where the ops are missing or have
+// another signature, BLAS is used.
+using LinearFn = at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                            c10::string_view, c10::List<std::optional<c10::Scalar>>,
+                            std::optional<c10::string_view>);
+using PackFn = at::Tensor(const at::Tensor&, std::optional<int64_t>);
+
+template <typename Fn>
+std::optional<c10::TypedOperatorHandle<Fn>> find_op(const char* name) {
+  auto handle = c10::Dispatcher::singleton().findSchema({name, ""});
+  if (!handle) return std::nullopt;
+  try {
+    return handle->typed<Fn>();
+  } catch (const c10::Error&) {
+    return std::nullopt;
+  }
+}
+
+const std::optional<c10::TypedOperatorHandle<LinearFn>>& linear_op() {
+  static const auto op = find_op<LinearFn>("mkldnn::_linear_pointwise");
+  return op;
+}
+
+const std::optional<c10::TypedOperatorHandle<PackFn>>& pack_op() {
+  static const auto op = find_op<PackFn>("mkldnn::_reorder_linear_weight");
+  return op;
+}
+
+bool onednn_available() { return linear_op().has_value() && pack_op().has_value(); }
+
+at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& w) {
+  return linear_op()->call(x, w, std::nullopt, "none", c10::List<std::optional<c10::Scalar>>(), std::nullopt);
+}
+
+at::Tensor onednn_pack(const at::Tensor& w, int64_t batch) { return pack_op()->call(w, batch); }
+
+struct CpuBackend {
+  template <typename F>
+  static void dispatch(at::ScalarType t, F&& f) {
+    switch (t) {
+      case at::kFloat: f(float{}); break;
+      case at::kDouble: f(double{}); break;
+      default: TORCH_CHECK(false, "recurrent layer (CPU kernel): dtype must be float32 or float64, got ", t);
+    }
+  }
+
+  // Weights packed for oneDNN once per op call, keyed by (pointer, batch rows): the
+  // time loop multiplies by the same W_hh at every step.
+  std::vector<std::tuple<const void*, int64_t, at::Tensor>> packed_;
+  at::Tensor last_;  // the result matmul_nt returned, kept alive until the next call
+
+  const at::Tensor& packed(const float* w, int64_t n, int64_t k, int64_t batch) {
+    for (auto& [ptr, rows, t] : packed_) {
+      if (ptr == w && rows == batch) return t;
+    }
+    at::Tensor dense = at::from_blob(const_cast<float*>(w), {n, k}, at::TensorOptions().dtype(at::kFloat));
+    packed_.emplace_back(w, batch, onednn_pack(dense, batch));
+    return std::get<2>(packed_.back());
+  }
+
+  // Row-major C = alpha op(A) op(B) + beta C. float32 products of the loop's form
+  // (C = A W^T, contiguous) go to oneDNN with W packed; the rest (float64) to BLAS.
+  template <typename scalar_t>
+  void gemm(Tr ta, Tr tb, int64_t m, int64_t n, int64_t k, scalar_t alpha, const scalar_t* a, int64_t lda,
+            const scalar_t* b, int64_t ldb, scalar_t beta, scalar_t* c, int64_t ldc) {
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      if (ta == Tr::N && tb == Tr::T && alpha == 1.f && beta == 0.f && lda == k && ldb == k && ldc == n &&
+          onednn_available()) {
+        at::Tensor y = onednn_linear(at::from_blob(const_cast<float*>(a), {m, k}, at::kFloat), packed(b, n, k, m));
+        std::memcpy(c, y.const_data_ptr<float>(), sizeof(float) * m * n);
+        return;
+      }
+    }
+    cpu::gemm_rm<scalar_t>(ta == Tr::N ? cpu::N : cpu::T, tb == Tr::N ? cpu::N : cpu::T, m, n, k, alpha, a, lda,
+                           b, ldb, beta, c, ldc);
+  }
+
+  // A (m x k) times W^T (W n x k), both contiguous. Returns the product: `out`, or (on the
+  // oneDNN path, to save a copy per step) a buffer owned by this backend until its next call.
+  template <typename scalar_t>
+  const scalar_t* matmul_nt(int64_t m, int64_t n, int64_t k, const scalar_t* a, const scalar_t* w, scalar_t* out) {
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      if (onednn_available()) {
+        last_ = onednn_linear(at::from_blob(const_cast<float*>(a), {m, k}, at::kFloat), packed(w, n, k, m));
+        return last_.const_data_ptr<float>();
+      }
+    }
+    gemm<scalar_t>(Tr::N, Tr::T, m, n, k, 1, a, k, w, k, 0, out, n);
+    return out;
+  }
+
+  // x (T*B, I) W_ih^T: a new (T*B, G*H) tensor.
+  at::Tensor input_projection(const at::Tensor& x, const at::Tensor& w_ih) {
+    if (x.scalar_type() == at::kFloat && onednn_available()) {
+      return onednn_linear(x, onednn_pack(w_ih, x.size(0)));
+    }
+    return at::mm(x, w_ih.t());
+  }
+
+  // Tensor product a @ b (2-D, any strides).
+  static at::Tensor mm(const at::Tensor& a, const at::Tensor& b) {
+    if (a.scalar_type() == at::kFloat && onednn_available()) return onednn_linear(a.contiguous(), b.t().contiguous());
+    return at::mm(a, b);
+  }
+
+  // z (B, 4H): the input term x W_ih^T in, activated gates out; zh (B, 4H) the recurrent
+  // term h_prev W_hh^T and bias (4H, may be null) are added here. c_t, out (B, H).
+  template <typename scalar_t>
+  static void lstm_pointwise_forward(const Layer& L, int64_t t, scalar_t* z, const scalar_t* zh,
+                                     const scalar_t* bias, const scalar_t* c_prev, const scalar_t* h_prev, scalar_t* c_t, scalar_t* out) {
+    using Vec = at::vec::Vectorized<scalar_t>;
+    const int64_t H = L.H, W = Vec::size();
+    for_rows(L, 4 * H, [&](int64_t b) {
+      scalar_t* zi = z + b * 4 * H;
+      scalar_t *zf = zi + H, *zg = zi + 2 * H, *zo = zi + 3 * H;
+      const scalar_t* ri = zh + b * 4 * H;
+      const scalar_t* cp = c_prev + b * H;
+      scalar_t* c = c_t + b * H;
+      scalar_t* h = out + b * H;
+      if (masked(L, t, b)) {  // the state passes through; r (LSTMP) is zero
+        std::copy(cp, cp + H, c);
+        if (h_prev) std::copy(h_prev + b * L.P, h_prev + b * L.P + H, h); else std::fill(h, h + H, scalar_t(0));
+        std::fill(zi, zi + 4 * H, scalar_t(0));
+        return;
+      }
+      int64_t j = 0;
+      for (; j + W <= H; j += W) {
+        Vec i = Vec::loadu(zi + j) + Vec::loadu(ri + j), f = Vec::loadu(zf + j) + Vec::loadu(ri + H + j),
+            g = Vec::loadu(zg + j) + Vec::loadu(ri + 2 * H + j), o = Vec::loadu(zo + j) + Vec::loadu(ri + 3 * H + j);
+        if (bias) {
+          i = i + Vec::loadu(bias + j);
+          f = f + Vec::loadu(bias + H + j);
+          g = g + Vec::loadu(bias + 2 * H + j);
+          o = o + Vec::loadu(bias + 3 * H + j);
+        }
+        Vec cn, hn;
+        lstm_forward<VecMath>(i, f, g, o, Vec::loadu(cp + j), cn, hn);
+        i.store(zi + j); f.store(zf + j); g.store(zg + j); o.store(zo + j);
+        cn.store(c + j);
+        hn.store(h + j);
+      }
+      for (; j < H; ++j) {
+        zi[j] += ri[j] + (bias ? bias[j] : scalar_t(0));
+        zf[j] += ri[H + j] + (bias ? bias[H + j] : scalar_t(0));
+        zg[j] += ri[2 * H + j] + (bias ? bias[2 * H + j] : scalar_t(0));
+        zo[j] += ri[3 * H + j] + (bias ? bias[3 * H + j] : scalar_t(0));
+        lstm_forward<ScalarMath>(zi[j], zf[j], zg[j], zo[j], cp[j], c[j], h[j]);
+      }
+    });
+  }
+
+  // gates (B, 4H) saved activations; dh = dh_a + dh_b (dh_b may be null); dc (B, H) in/out;
+  // dz (B, 4H) out.
+  template <typename scalar_t>
+  static void lstm_pointwise_backward(const Layer& L, int64_t t, const scalar_t* gates, const scalar_t* c_t,
+                                      const scalar_t* c_prev, const scalar_t* dh_a, const scalar_t* dh_b,
+                                      scalar_t* dc, scalar_t* dz) {
+    using Vec = at::vec::Vectorized<scalar_t>;
+    const int64_t H = L.H, W = Vec::size();
+    const int64_t lda = dh_b ? L.P : H;  // dh_a is dy_t (B, P) or dr (B, H)
+    for_rows(L, 4 * H, [&](int64_t b) {
+      scalar_t* dzi = dz + b * 4 * H;
+      if (masked(L, t, b)) {
+        std::fill(dzi, dzi + 4 * H, scalar_t(0));
+        return;
+      }
+      const scalar_t* gi = gates + b * 4 * H;
+      const scalar_t *c = c_t + b * H, *cp = c_prev + b * H, *da = dh_a + b * lda;
+      const scalar_t* db = dh_b ? dh_b + b * L.P : nullptr;
+      scalar_t* dcb = dc + b * H;
+      int64_t j = 0;
+      for (; j + W <= H; j += W) {
+        Vec i = Vec::loadu(gi + j), f = Vec::loadu(gi + H + j), g = Vec::loadu(gi + 2 * H + j),
+            o = Vec::loadu(gi + 3 * H + j);
+        Vec dh = db ? Vec::loadu(da + j) + Vec::loadu(db + j) : Vec::loadu(da + j);
+        Vec dcv = Vec::loadu(dcb + j);
+        lstm_backward<VecMath>(i, f, g, o, Vec::loadu(c + j), Vec::loadu(cp + j), dh, dcv);
+        i.store(dzi + j); f.store(dzi + H + j); g.store(dzi + 2 * H + j); o.store(dzi + 3 * H + j);
+        dcv.store(dcb + j);
+      }
+      for (; j < H; ++j) {
+        scalar_t i = gi[j], f = gi[H + j], g = gi[2 * H + j], o = gi[3 * H + j];
+        lstm_backward<ScalarMath>(i, f, g, o, c[j], cp[j], db ? da[j] + db[j] : da[j], dcb[j]);
+        dzi[j] = i; dzi[H + j] = f; dzi[2 * H + j] = g; dzi[3 * H + j] = o;
+      }
+    });
+  }
+
+  template <typename scalar_t>
+  static void rnn_pointwise_forward(const Layer& L, int64_t t, const scalar_t* z, const scalar_t* zh,
+                                    const scalar_t* bias, const scalar_t* h_prev, scalar_t* h_t, bool relu) {
+    using Vec = at::vec::Vectorized<scalar_t>;
+    const int64_t H = L.H, W = Vec::size();
+    for_rows(L, H, [&](int64_t b) {
+      const scalar_t *zb = z + b * H, *rb = zh + b * H;
+      scalar_t* hb = h_t + b * H;
+      if (masked(L, t, b)) {
+        std::copy(h_prev + b * H, h_prev + (b + 1) * H, hb);
+        return;
+      }
+      int64_t j = 0;
+      for (; j + W <= H; j += W) {
+        Vec zv = Vec::loadu(zb + j) + Vec::loadu(rb + j);
+        if (bias) zv = zv + Vec::loadu(bias + j);
+        rnn_forward<VecMath>(zv, relu).store(hb + j);
+      }
+      for (; j < H; ++j) hb[j] = rnn_forward<ScalarMath>(zb[j] + rb[j] + (bias ? bias[j] : scalar_t(0)), relu);
+    });
+  }
+
+  template <typename scalar_t>
+  static void rnn_pointwise_backward(const Layer& L, int64_t t, const scalar_t* h_t, const scalar_t* dy,
+                                     const scalar_t* dh, scalar_t* dz, bool relu) {
+    using Vec = at::vec::Vectorized<scalar_t>;
+    const int64_t H = L.H, W = Vec::size();
+    for_rows(L, H, [&](int64_t b) {
+      scalar_t* dzb = dz + b * H;
+      if (masked(L, t, b)) {
+        std::fill(dzb, dzb + H, scalar_t(0));
+        return;
+      }
+      const scalar_t *hb = h_t + b * H, *dyb = dy + b * H, *dhb = dh + b * H;
+      int64_t j = 0;
+      for (; j + W <= H; j += W) {
+        rnn_backward<VecMath>(Vec::loadu(hb + j), Vec::loadu(dyb + j) + Vec::loadu(dhb + j), relu).store(dzb + j);
+      }
+      for (; j < H; ++j) dzb[j] = rnn_backward<ScalarMath>(hb[j], dyb[j] + dhb[j], relu);
+    });
+  }
+
+  // Rows b with t >= lengths[b]: dst[b] = src[b] (the state, or its gradient, passes through).
+  template <typename scalar_t>
+  static void keep_state(const Layer& L, int64_t t, scalar_t* dst, const scalar_t* src, int64_t n) {
+    for (int64_t b = 0; b < L.B; ++b) {
+      if (masked(L, t, b)) std::copy(src + b * n, src + (b + 1) * n, dst + b * n);
+    }
+  }
+
+  // y[b] = h[b], or zero past the sequence's length.
+  template <typename scalar_t>
+  static void mask_output(const Layer& L, int64_t t, scalar_t* y, const scalar_t* h, int64_t n) {
+    for (int64_t b = 0; b < L.B; ++b) {
+      if (masked(L, t, b)) std::fill(y + b * n, y + (b + 1) * n, scalar_t(0));
+      else std::copy(h + b * n, h + (b + 1) * n, y + b * n);
+    }
+  }
+
+  template <typename scalar_t>
+  static void add(scalar_t* out, const scalar_t* a, const scalar_t* b, int64_t n) {
+    using Vec = at::vec::Vectorized<scalar_t>;
+    at::vec::map2([](Vec x, Vec y) { return x + y; }, out, a, b, n);
+  }
+};
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(seqkernels, CPU, m) {
+  m.impl("lstm_layer_forward", &lstm_layer_forward<CpuBackend>);
+  m.impl("lstm_layer_backward", &lstm_layer_backward<CpuBackend>);
+  m.impl("rnn_layer_forward", &rnn_layer_forward<CpuBackend>);
+  m.impl("rnn_layer_backward", &rnn_layer_backward<CpuBackend>);
+}
+
+}  // namespace seqkernels::rnn

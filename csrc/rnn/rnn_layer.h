@@ -1,0 +1,336 @@
+// One direction of one recurrent layer, forward and backward through time, written once
+// for every device. A backend BK supplies a row-major GEMM on raw pointers and the fused
+// pointwise passes (CPU: csrc/rnn/rnn_cpu.cpp, CUDA: csrc/rnn/rnn_cuda.cu); this file is
+// the time loop:
+//
+//   forward   Z = X W_ih^T                one GEMM for all T steps (BK::input_projection)
+//             for each step t:  Zh = h_prev W_hh^T     (one GEMM)
+//                               fused pointwise pass on Z_t + Zh + b -> gates, c_t, h_t
+//                               (LSTMP: h_t = r_t W_hr^T, one more GEMM)
+//   backward  for each step, last to first:  fused pointwise pass -> dZ_t,
+//                               dh_prev = dZ_t W_hh (one GEMM)
+//             then dX = dZ W_ih, dW_ih = dZ^T X, dW_hh = dZ^T H_prev, db = colsum(dZ),
+//             dW_hr = dH^T R: a few large GEMMs over all T*B rows.
+//
+// Every GEMM inside the time loop has the form C = A W^T (beta = 0) with a contiguous
+// weight W (the backward transposes W_hh and W_hr once, before the loop): the form of a
+// "linear" layer, which is what the fastest CPU GEMM available (oneDNN's) takes.
+//
+// Shapes (contiguous): x (T, B, I), h0 (B, P), c0 (B, H), w_ih (G*H, I), w_hh (G*H, P),
+// bias (G*H) (b_ih + b_hh), w_hr (P, H); G = 4 for the LSTM (gates i, f, g, o), 1 for the
+// RNN; P = proj_size or H. `reverse` runs t = T-1 ... 0. With `lengths` (B,), steps
+// t >= lengths[b] leave sequence b's state untouched and give a zero output, so a reverse
+// direction starts at each sequence's own last step: PackedSequence semantics.
+//
+// Saved for the backward: gates (T, B, 4H) activated i, f, g, o; cs (T, B, H) the cell
+// state after each step; hs (T, B, P) the hidden state after each step (the output y
+// itself when there are no lengths, since then they are equal); rs (T, B, H) o * tanh(c)
+// before the projection (LSTMP only).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include "../common.h"
+
+namespace seqkernels::rnn {
+
+enum class Tr : char { N = 'N', T = 'T' };
+
+struct Layer {
+  int64_t T, B, I, H, P;
+  bool reverse;
+  const int64_t* lengths;  // device pointer or nullptr
+  int64_t step_time(int64_t s) const { return reverse ? T - 1 - s : s; }
+  int64_t prev_time(int64_t t) const { return reverse ? t + 1 : t - 1; }
+  bool first(int64_t t) const { return reverse ? t == T - 1 : t == 0; }
+};
+
+inline Layer make_layer(const at::Tensor& x, const at::Tensor& w_hh, int64_t G, bool reverse,
+                        const std::optional<at::Tensor>& lengths) {
+  Layer L;
+  L.T = x.size(0);
+  L.B = x.size(1);
+  L.I = x.size(2);
+  L.H = w_hh.size(0) / G;
+  L.P = w_hh.size(1);
+  L.reverse = reverse;
+  L.lengths = lengths.has_value() && lengths->defined() ? lengths->const_data_ptr<int64_t>() : nullptr;
+  return L;
+}
+
+inline void check_layer_args(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w_ih,
+                             const at::Tensor& w_hh, int64_t G, const std::optional<at::Tensor>& lengths) {
+  // The Python API checks all of this with friendlier messages; these guard direct op calls.
+  TORCH_CHECK(x.dim() == 3, "recurrent layer: x must be (T, B, I)");
+  TORCH_CHECK(x.size(0) > 0 && x.size(1) > 0, "recurrent layer: T and B must be positive");
+  TORCH_CHECK(w_ih.dim() == 2 && w_hh.dim() == 2 && w_ih.size(0) == w_hh.size(0) && w_hh.size(0) % G == 0,
+              "recurrent layer: w_ih (G*H, I) and w_hh (G*H, P) disagree");
+  TORCH_CHECK(w_ih.size(1) == x.size(2), "recurrent layer: w_ih has ", w_ih.size(1), " columns, x has ",
+              x.size(2), " features");
+  TORCH_CHECK(h0.dim() == 2 && h0.size(0) == x.size(1) && h0.size(1) == w_hh.size(1),
+              "recurrent layer: h0 must be (B, P)");
+  for (const at::Tensor* t : {&h0, &w_ih, &w_hh}) {
+    TORCH_CHECK(t->scalar_type() == x.scalar_type() && t->device() == x.device(),
+                "recurrent layer: every tensor must have x's dtype and device");
+  }
+  if (lengths.has_value() && lengths->defined()) {
+    TORCH_CHECK(lengths->scalar_type() == at::kLong && lengths->dim() == 1 && lengths->size(0) == x.size(1) &&
+                    lengths->device() == x.device(),
+                "recurrent layer: lengths must be an int64 (B,) tensor on x's device");
+  }
+}
+
+// --- LSTM ------------------------------------------------------------------------------------
+
+template <class BK, typename scalar_t>
+void lstm_forward_loop(BK& bk, const Layer& L, const scalar_t* h0, const scalar_t* c0,
+                       const scalar_t* w_hh, const scalar_t* bias, const scalar_t* w_hr,
+                       scalar_t* gates, scalar_t* zh, scalar_t* y, scalar_t* hs, scalar_t* cs, scalar_t* rs) {
+  const int64_t GH = 4 * L.H;
+  for (int64_t s = 0; s < L.T; ++s) {
+    const int64_t t = L.step_time(s);
+    const scalar_t* h_prev = L.first(t) ? h0 : hs + L.prev_time(t) * L.B * L.P;
+    const scalar_t* c_prev = L.first(t) ? c0 : cs + L.prev_time(t) * L.B * L.H;
+    scalar_t* z = gates + t * L.B * GH;
+    scalar_t* h_t = hs + t * L.B * L.P;
+    const scalar_t* zh_t = bk.template matmul_nt<scalar_t>(L.B, GH, L.P, h_prev, w_hh, zh);
+    if (w_hr == nullptr) {
+      bk.template lstm_pointwise_forward<scalar_t>(L, t, z, zh_t, bias, c_prev, h_prev, cs + t * L.B * L.H, h_t);
+    } else {
+      scalar_t* r_t = rs + t * L.B * L.H;
+      bk.template lstm_pointwise_forward<scalar_t>(L, t, z, zh_t, bias, c_prev, nullptr, cs + t * L.B * L.H, r_t);
+      bk.template gemm<scalar_t>(Tr::N, Tr::T, L.B, L.P, L.H, 1, r_t, L.H, w_hr, L.H, 0, h_t, L.P);
+      if (L.lengths) bk.template keep_state<scalar_t>(L, t, h_t, h_prev, L.P);
+    }
+    if (L.lengths) bk.template mask_output<scalar_t>(L, t, y + t * L.B * L.P, h_t, L.P);
+  }
+}
+
+template <class BK, typename scalar_t>
+void lstm_backward_loop(BK& bk, const Layer& L, const scalar_t* dy, const scalar_t* h0, const scalar_t* c0,
+                        const scalar_t* w_hh_t, const scalar_t* w_hr_t, const scalar_t* gates,
+                        const scalar_t* hs, const scalar_t* cs, scalar_t* dh_a, scalar_t* dh_b,
+                        scalar_t* dc, scalar_t* dz, scalar_t* dr, scalar_t* dhs, scalar_t** dh_final) {
+  // dh_a holds dh_n on entry; dc holds dc_n; on exit *dh_final points at dh_0, dc is dc_0.
+  const int64_t GH = 4 * L.H;
+  scalar_t* dh_cur = dh_a;
+  scalar_t* dh_next = dh_b;
+  for (int64_t s = L.T - 1; s >= 0; --s) {
+    const int64_t t = L.step_time(s);
+    const scalar_t* c_prev = L.first(t) ? c0 : cs + L.prev_time(t) * L.B * L.H;
+    const scalar_t* dy_t = dy + t * L.B * L.P;
+    scalar_t* dz_t = dz + t * L.B * GH;
+    if (w_hr_t == nullptr) {
+      bk.template lstm_pointwise_backward<scalar_t>(L, t, gates + t * L.B * GH, cs + t * L.B * L.H, c_prev,
+                                                     dy_t, dh_cur, dc, dz_t);
+    } else {
+      // dL/dh_t = dy_t + dh; it reaches r_t through the projection: dr = dh_t W_hr.
+      scalar_t* g_t = dhs + t * L.B * L.P;
+      bk.template add<scalar_t>(g_t, dy_t, dh_cur, L.B * L.P);
+      bk.template gemm<scalar_t>(Tr::N, Tr::T, L.B, L.H, L.P, 1, g_t, L.P, w_hr_t, L.P, 0, dr, L.H);
+      bk.template lstm_pointwise_backward<scalar_t>(L, t, gates + t * L.B * GH, cs + t * L.B * L.H, c_prev,
+                                                     dr, nullptr, dc, dz_t);
+    }
+    bk.template gemm<scalar_t>(Tr::N, Tr::T, L.B, L.P, GH, 1, dz_t, GH, w_hh_t, GH, 0, dh_next, L.P);
+    if (L.lengths) bk.template keep_state<scalar_t>(L, t, dh_next, dh_cur, L.P);
+    std::swap(dh_cur, dh_next);
+  }
+  *dh_final = dh_cur;
+}
+
+// --- Elman RNN -------------------------------------------------------------------------------
+
+template <class BK, typename scalar_t>
+void rnn_forward_loop(BK& bk, const Layer& L, const scalar_t* h0, const scalar_t* w_hh, const scalar_t* bias, bool relu, scalar_t* z, scalar_t* zh, scalar_t* y,
+                      scalar_t* hs) {
+  for (int64_t s = 0; s < L.T; ++s) {
+    const int64_t t = L.step_time(s);
+    const scalar_t* h_prev = L.first(t) ? h0 : hs + L.prev_time(t) * L.B * L.H;
+    scalar_t* z_t = z + t * L.B * L.H;
+    const scalar_t* zh_t = bk.template matmul_nt<scalar_t>(L.B, L.H, L.H, h_prev, w_hh, zh);
+    bk.template rnn_pointwise_forward<scalar_t>(L, t, z_t, zh_t, bias, h_prev, hs + t * L.B * L.H, relu);
+    if (L.lengths) bk.template mask_output<scalar_t>(L, t, y + t * L.B * L.H, hs + t * L.B * L.H, L.H);
+  }
+}
+
+template <class BK, typename scalar_t>
+void rnn_backward_loop(BK& bk, const Layer& L, const scalar_t* dy, const scalar_t* w_hh_t, const scalar_t* hs,
+                       bool relu, scalar_t* dh_a, scalar_t* dh_b, scalar_t* dz, scalar_t** dh_final) {
+  scalar_t* dh_cur = dh_a;
+  scalar_t* dh_next = dh_b;
+  for (int64_t s = L.T - 1; s >= 0; --s) {
+    const int64_t t = L.step_time(s);
+    scalar_t* dz_t = dz + t * L.B * L.H;
+    bk.template rnn_pointwise_backward<scalar_t>(L, t, hs + t * L.B * L.H, dy + t * L.B * L.H, dh_cur, dz_t, relu);
+    bk.template gemm<scalar_t>(Tr::N, Tr::T, L.B, L.H, L.H, 1, dz_t, L.H, w_hh_t, L.H, 0, dh_next, L.H);
+    if (L.lengths) bk.template keep_state<scalar_t>(L, t, dh_next, dh_cur, L.H);
+    std::swap(dh_cur, dh_next);
+  }
+  *dh_final = dh_cur;
+}
+
+// The state before each step, stacked (T, B, P): [h0, hs[0..T-2]] forward,
+// [hs[1..T-1], h0] reverse. dW_hh = dZ^T of it, as one GEMM.
+inline at::Tensor previous_states(const Layer& L, const at::Tensor& h0, const at::Tensor& hs) {
+  at::Tensor h0_ = h0.unsqueeze(0);
+  if (L.T == 1) return h0_.clone();
+  return L.reverse ? at::cat({hs.narrow(0, 1, L.T - 1), h0_}) : at::cat({h0_, hs.narrow(0, 0, L.T - 1)});
+}
+
+// The op bodies, generic over the backend. See csrc/seqkernels.cpp for the schemas.
+// A backend object lives for one op call, so it may cache (for example weights packed
+// for its GEMM) across the time steps of that call.
+
+template <class BK>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_forward(const at::Tensor& x_, const at::Tensor& h0_, const at::Tensor& c0_,
+                                           const at::Tensor& w_ih_, const at::Tensor& w_hh_,
+                                           const std::optional<at::Tensor>& bias,
+                                           const std::optional<at::Tensor>& w_hr,
+                                           const std::optional<at::Tensor>& lengths, bool reverse) {
+  check_layer_args(x_, h0_, w_ih_, w_hh_, 4, lengths);
+  const at::Tensor x = x_.contiguous(), h0 = h0_.contiguous(), c0 = c0_.contiguous();
+  const at::Tensor w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
+  const bool proj = w_hr.has_value() && w_hr->defined();
+  const at::Tensor whr = proj ? w_hr->contiguous() : at::Tensor();
+  const Layer L = make_layer(x, w_hh, 4, reverse, lengths);
+  TORCH_CHECK(c0.sizes() == at::IntArrayRef({L.B, L.H}), "lstm layer: c0 must be (B, H)");
+  TORCH_CHECK(!proj || (whr.size(0) == L.P && whr.size(1) == L.H), "lstm layer: w_hr must be (P, H)");
+  const auto opt = x.options();
+  BK bk;
+  // The input term of every step at once: one (T*B, I) x (I, 4H) product.
+  at::Tensor gates = bk.input_projection(x.view({L.T * L.B, L.I}), w_ih).view({L.T, L.B, 4 * L.H});
+  const bool has_bias = bias.has_value() && bias->defined();
+  const at::Tensor b = has_bias ? bias->contiguous() : at::Tensor();
+  TORCH_CHECK(!has_bias || b.numel() == 4 * L.H, "lstm layer: bias must have 4H elements");
+  at::Tensor y = new_output({L.T, L.B, L.P}, opt);
+  at::Tensor hs = L.lengths ? at::empty({L.T, L.B, L.P}, opt) : at::empty({0}, opt);
+  at::Tensor cs = at::empty({L.T, L.B, L.H}, opt);
+  at::Tensor rs = proj ? at::empty({L.T, L.B, L.H}, opt) : at::empty({0}, opt);
+  at::Tensor zh = at::empty({L.B, 4 * L.H}, opt);
+  BK::dispatch(x.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
+    lstm_forward_loop<BK, scalar_t>(bk, L, h0.const_data_ptr<scalar_t>(), c0.const_data_ptr<scalar_t>(),
+                                    w_hh.const_data_ptr<scalar_t>(), has_bias ? b.const_data_ptr<scalar_t>() : nullptr,
+                                    proj ? whr.const_data_ptr<scalar_t>() : nullptr,
+                                    gates.mutable_data_ptr<scalar_t>(), zh.mutable_data_ptr<scalar_t>(),
+                                    y.mutable_data_ptr<scalar_t>(),
+                                    (L.lengths ? hs : y).mutable_data_ptr<scalar_t>(),
+                                    cs.mutable_data_ptr<scalar_t>(),
+                                    proj ? rs.mutable_data_ptr<scalar_t>() : nullptr);
+  });
+  const int64_t last = reverse ? 0 : L.T - 1;
+  const at::Tensor& states = L.lengths ? hs : y;
+  at::Tensor hn = new_output({L.B, L.P}, opt), cn = new_output({L.B, L.H}, opt);
+  hn.copy_(states[last]);
+  cn.copy_(cs[last]);
+  return {y, hn, cn, gates, hs, cs, rs};
+}
+
+template <class BK>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_backward(
+    const at::Tensor& dy_, const at::Tensor& dhn, const at::Tensor& dcn, const at::Tensor& x_,
+    const at::Tensor& h0_, const at::Tensor& c0_, const at::Tensor& w_ih_, const at::Tensor& w_hh_,
+    const std::optional<at::Tensor>& w_hr, const std::optional<at::Tensor>& lengths, bool reverse,
+    const at::Tensor& gates, const at::Tensor& y, const at::Tensor& hs_, const at::Tensor& cs,
+    const at::Tensor& rs, bool has_bias) {
+  check_layer_args(x_, h0_, w_ih_, w_hh_, 4, lengths);
+  const at::Tensor x = x_.contiguous(), h0 = h0_.contiguous(), c0 = c0_.contiguous();
+  const at::Tensor w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous(), dy = dy_.contiguous();
+  const bool proj = w_hr.has_value() && w_hr->defined();
+  const at::Tensor whr = proj ? w_hr->contiguous() : at::Tensor();
+  const Layer L = make_layer(x, w_hh, 4, reverse, lengths);
+  const at::Tensor hs = L.lengths ? hs_.contiguous() : y.contiguous();
+  const auto opt = x.options();
+  at::Tensor dh_a = dhn.contiguous().clone(), dh_b = at::empty_like(dh_a), dc = dcn.contiguous().clone();
+  at::Tensor dz = at::empty({L.T, L.B, 4 * L.H}, opt);
+  at::Tensor dr = proj ? at::empty({L.B, L.H}, opt) : at::empty({0}, opt);
+  at::Tensor dhs = proj ? at::empty({L.T, L.B, L.P}, opt) : at::empty({0}, opt);
+  at::Tensor dh0;
+  BK bk;
+  const at::Tensor w_hh_t = w_hh.t().contiguous();  // (P, 4H): every loop GEMM is A W^T
+  const at::Tensor w_hr_t = proj ? whr.t().contiguous() : at::Tensor();
+  BK::dispatch(x.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
+    scalar_t* dh_final = nullptr;
+    lstm_backward_loop<BK, scalar_t>(bk, L, dy.const_data_ptr<scalar_t>(), h0.const_data_ptr<scalar_t>(),
+                                     c0.const_data_ptr<scalar_t>(), w_hh_t.const_data_ptr<scalar_t>(),
+                                     proj ? w_hr_t.const_data_ptr<scalar_t>() : nullptr,
+                                     gates.const_data_ptr<scalar_t>(), hs.const_data_ptr<scalar_t>(),
+                                     cs.const_data_ptr<scalar_t>(), dh_a.mutable_data_ptr<scalar_t>(),
+                                     dh_b.mutable_data_ptr<scalar_t>(), dc.mutable_data_ptr<scalar_t>(),
+                                     dz.mutable_data_ptr<scalar_t>(),
+                                     proj ? dr.mutable_data_ptr<scalar_t>() : nullptr,
+                                     proj ? dhs.mutable_data_ptr<scalar_t>() : nullptr, &dh_final);
+    dh0 = dh_final == dh_a.mutable_data_ptr<scalar_t>() ? dh_a : dh_b;
+  });
+  const at::Tensor dz2 = dz.view({L.T * L.B, 4 * L.H});
+  at::Tensor dx = BK::mm(dz2, w_ih).view({L.T, L.B, L.I});
+  at::Tensor dw_ih = BK::mm(dz2.t(), x.view({L.T * L.B, L.I}));
+  at::Tensor dw_hh = BK::mm(dz2.t(), previous_states(L, h0, hs).view({L.T * L.B, L.P}));
+  at::Tensor dbias = has_bias ? dz2.sum(0) : at::empty({0}, opt);
+  at::Tensor dw_hr = proj ? BK::mm(dhs.view({L.T * L.B, L.P}).t(), rs.view({L.T * L.B, L.H})) : at::empty({0}, opt);
+  return {dx, dh0, dc, dw_ih, dw_hh, dbias, dw_hr};
+}
+
+template <class BK>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rnn_layer_forward(const at::Tensor& x_, const at::Tensor& h0_, const at::Tensor& w_ih_,
+                                          const at::Tensor& w_hh_, const std::optional<at::Tensor>& bias,
+                                          const std::optional<at::Tensor>& lengths, bool reverse, bool relu) {
+  check_layer_args(x_, h0_, w_ih_, w_hh_, 1, lengths);
+  const at::Tensor x = x_.contiguous(), h0 = h0_.contiguous(), w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
+  const Layer L = make_layer(x, w_hh, 1, reverse, lengths);
+  TORCH_CHECK(L.P == L.H, "rnn layer: w_hh must be square");
+  const auto opt = x.options();
+  BK bk;
+  at::Tensor z = bk.input_projection(x.view({L.T * L.B, L.I}), w_ih).view({L.T, L.B, L.H});
+  const bool has_bias = bias.has_value() && bias->defined();
+  const at::Tensor b = has_bias ? bias->contiguous() : at::Tensor();
+  TORCH_CHECK(!has_bias || b.numel() == L.H, "rnn layer: bias must have H elements");
+  at::Tensor y = new_output({L.T, L.B, L.H}, opt);
+  at::Tensor hs = L.lengths ? at::empty({L.T, L.B, L.H}, opt) : at::empty({0}, opt);
+  at::Tensor zh = at::empty({L.B, L.H}, opt);
+  BK::dispatch(x.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
+    rnn_forward_loop<BK, scalar_t>(bk, L, h0.const_data_ptr<scalar_t>(), w_hh.const_data_ptr<scalar_t>(),
+                                   has_bias ? b.const_data_ptr<scalar_t>() : nullptr,
+                                   relu, z.mutable_data_ptr<scalar_t>(), zh.mutable_data_ptr<scalar_t>(),
+                                   y.mutable_data_ptr<scalar_t>(),
+                                   (L.lengths ? hs : y).mutable_data_ptr<scalar_t>());
+  });
+  at::Tensor hn = new_output({L.B, L.H}, opt);
+  hn.copy_((L.lengths ? hs : y)[reverse ? 0 : L.T - 1]);
+  return {y, hn, hs};
+}
+
+template <class BK>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_backward(const at::Tensor& dy_, const at::Tensor& dhn, const at::Tensor& x_,
+                                           const at::Tensor& h0_, const at::Tensor& w_ih_, const at::Tensor& w_hh_,
+                                           const std::optional<at::Tensor>& lengths, bool reverse, bool relu,
+                                           const at::Tensor& y, const at::Tensor& hs_, bool has_bias) {
+  check_layer_args(x_, h0_, w_ih_, w_hh_, 1, lengths);
+  const at::Tensor x = x_.contiguous(), h0 = h0_.contiguous(), w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
+  const at::Tensor dy = dy_.contiguous();
+  const Layer L = make_layer(x, w_hh, 1, reverse, lengths);
+  const at::Tensor hs = L.lengths ? hs_.contiguous() : y.contiguous();
+  at::Tensor dh_a = dhn.contiguous().clone(), dh_b = at::empty_like(dh_a);
+  at::Tensor dz = at::empty({L.T, L.B, L.H}, x.options());
+  at::Tensor dh0;
+  BK bk;
+  const at::Tensor w_hh_t = w_hh.t().contiguous();
+  BK::dispatch(x.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
+    scalar_t* dh_final = nullptr;
+    rnn_backward_loop<BK, scalar_t>(bk, L, dy.const_data_ptr<scalar_t>(), w_hh_t.const_data_ptr<scalar_t>(),
+                                    hs.const_data_ptr<scalar_t>(), relu, dh_a.mutable_data_ptr<scalar_t>(),
+                                    dh_b.mutable_data_ptr<scalar_t>(), dz.mutable_data_ptr<scalar_t>(), &dh_final);
+    dh0 = dh_final == dh_a.mutable_data_ptr<scalar_t>() ? dh_a : dh_b;
+  });
+  const at::Tensor dz2 = dz.view({L.T * L.B, L.H});
+  at::Tensor dx = BK::mm(dz2, w_ih).view({L.T, L.B, L.I});
+  at::Tensor dw_ih = BK::mm(dz2.t(), x.view({L.T * L.B, L.I}));
+  at::Tensor dw_hh = BK::mm(dz2.t(), previous_states(L, h0, hs).view({L.T * L.B, L.H}));
+  at::Tensor dbias = has_bias ? dz2.sum(0) : at::empty({0}, x.options());
+  return {dx, dh0, dw_ih, dw_hh, dbias};
+}
+
+}  // namespace seqkernels::rnn

@@ -1,0 +1,284 @@
+"""The recurrent ops: ``seqkernels::lstm_layer_*`` and ``seqkernels::rnn_layer_*``.
+
+Schemas are declared in ``csrc/seqkernels.cpp``; the time loop is ``csrc/rnn/rnn_layer.h``,
+with its CPU body in ``csrc/rnn/rnn_cpu.cpp`` and CUDA body in ``csrc/rnn/rnn_cuda.cu``.
+This module adds the fake kernels and autograd, and builds the public functions: whole
+networks (layers x directions, dropout between layers) on top of the one-direction layer
+op, and the cells as one-step layers. There is no Python work per time step.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from .. import _C  # noqa: F401  (registers the schemas and the CPU/CUDA kernels)
+
+_ops = torch.ops.seqkernels
+
+
+def _empty(like: Tensor) -> Tensor:
+    return like.new_empty(0)
+
+
+# --- fake kernels --------------------------------------------------------------------------
+
+@torch.library.register_fake("seqkernels::lstm_layer_forward")
+def _lstm_fwd_fake(x, h0, c0, w_ih, w_hh, bias, w_hr, lengths, reverse):
+    T, B, _ = x.shape
+    H, P = w_hh.shape[0] // 4, w_hh.shape[1]
+    y = x.new_empty(T, B, P)
+    hs = x.new_empty(T, B, P) if lengths is not None else _empty(x)
+    rs = x.new_empty(T, B, H) if w_hr is not None else _empty(x)
+    return y, x.new_empty(B, P), x.new_empty(B, H), x.new_empty(T, B, 4 * H), hs, x.new_empty(T, B, H), rs
+
+
+@torch.library.register_fake("seqkernels::lstm_layer_backward")
+def _lstm_bwd_fake(gy, ghn, gcn, x, h0, c0, w_ih, w_hh, w_hr, lengths, reverse, gates, y, hs, cs, rs, has_bias):
+    return (torch.empty_like(x), torch.empty_like(h0), torch.empty_like(c0), torch.empty_like(w_ih),
+            torch.empty_like(w_hh), x.new_empty(w_ih.shape[0]) if has_bias else _empty(x),
+            torch.empty_like(w_hr) if w_hr is not None else _empty(x))
+
+
+@torch.library.register_fake("seqkernels::rnn_layer_forward")
+def _rnn_fwd_fake(x, h0, w_ih, w_hh, bias, lengths, reverse, relu):
+    T, B, _ = x.shape
+    H = w_hh.shape[0]
+    return x.new_empty(T, B, H), x.new_empty(B, H), (x.new_empty(T, B, H) if lengths is not None else _empty(x))
+
+
+@torch.library.register_fake("seqkernels::rnn_layer_backward")
+def _rnn_bwd_fake(gy, ghn, x, h0, w_ih, w_hh, lengths, reverse, relu, y, hs, has_bias):
+    return (torch.empty_like(x), torch.empty_like(h0), torch.empty_like(w_ih), torch.empty_like(w_hh),
+            x.new_empty(w_ih.shape[0]) if has_bias else _empty(x))
+
+
+# --- autograd ------------------------------------------------------------------------------
+
+def _zeros_if_none(g, like):
+    return torch.zeros_like(like) if g is None else g
+
+
+def _lstm_setup(ctx, inputs, output):
+    x, h0, c0, w_ih, w_hh, bias, w_hr, lengths, reverse = inputs
+    y, hn, cn, gates, hs, cs, rs = output
+    ctx.mark_non_differentiable(gates, hs, cs, rs)
+    ctx.save_for_backward(x, h0, c0, w_ih, w_hh, w_hr, lengths, gates, y, hs, cs, rs)
+    ctx.reverse, ctx.has_bias = reverse, bias is not None
+
+
+def _lstm_backward(ctx, gy, ghn, gcn, *_workspace_grads):
+    x, h0, c0, w_ih, w_hh, w_hr, lengths, gates, y, hs, cs, rs = ctx.saved_tensors
+    dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr = _ops.lstm_layer_backward(
+        _zeros_if_none(gy, y), _zeros_if_none(ghn, h0), _zeros_if_none(gcn, c0), x, h0, c0, w_ih, w_hh,
+        w_hr, lengths, ctx.reverse, gates, y, hs, cs, rs, ctx.has_bias)
+    return (dx, dh0, dc0, dw_ih, dw_hh, db if ctx.has_bias else None, dw_hr if w_hr is not None else None,
+            None, None)
+
+
+def _rnn_setup(ctx, inputs, output):
+    x, h0, w_ih, w_hh, bias, lengths, reverse, relu = inputs
+    y, hn, hs = output
+    ctx.mark_non_differentiable(hs)
+    ctx.save_for_backward(x, h0, w_ih, w_hh, lengths, y, hs)
+    ctx.reverse, ctx.relu, ctx.has_bias = reverse, relu, bias is not None
+
+
+def _rnn_backward(ctx, gy, ghn, _ghs):
+    x, h0, w_ih, w_hh, lengths, y, hs = ctx.saved_tensors
+    dx, dh0, dw_ih, dw_hh, db = _ops.rnn_layer_backward(
+        _zeros_if_none(gy, y), _zeros_if_none(ghn, h0), x, h0, w_ih, w_hh, lengths, ctx.reverse, ctx.relu,
+        y, hs, ctx.has_bias)
+    return dx, dh0, dw_ih, dw_hh, (db if ctx.has_bias else None), None, None, None
+
+
+torch.library.register_autograd("seqkernels::lstm_layer_forward", _lstm_backward, setup_context=_lstm_setup)
+torch.library.register_autograd("seqkernels::rnn_layer_forward", _rnn_backward, setup_context=_rnn_setup)
+
+
+# --- argument checks -------------------------------------------------------------------------
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_tensor(name: str, t, like: Tensor, shape: Optional[tuple] = None, fn: str = "lstm") -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != like.dtype:
+        raise TypeError(f"{fn}: {name} must have the input's dtype {like.dtype}, got {t.dtype}")
+    if t.device != like.device:
+        raise ValueError(f"{fn}: {name} must be on the input's device {like.device}, got {t.device}")
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{fn}: {name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+
+
+def _check_input(x: Tensor, fn: str) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{fn}: input must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _DTYPES:
+        raise TypeError(f"{fn}: input must be a floating-point tensor (float16/bfloat16/float32/float64), got {x.dtype}")
+    if x.device.type == "cpu" and x.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"{fn}: on the CPU the input must be float32 or float64, got {x.dtype}")
+
+
+def _check_lengths(lengths: Optional[Tensor], T: int, B: int, device, fn: str) -> Optional[Tensor]:
+    if lengths is None:
+        return None
+    if not isinstance(lengths, Tensor):
+        lengths = torch.as_tensor(lengths)
+    if lengths.dtype not in (torch.int32, torch.int64) or lengths.dim() != 1:
+        raise TypeError(f"{fn}: lengths must be a 1-D integer tensor, got {lengths.dtype} of shape {tuple(lengths.shape)}")
+    if lengths.shape[0] != B:
+        raise ValueError(f"{fn}: lengths must have one entry per sequence ({B}), got {lengths.shape[0]}")
+    lo, hi = int(lengths.min()), int(lengths.max())
+    if lo < 1 or hi > T:
+        raise ValueError(f"{fn}: lengths must lie in [1, {T}] (the sequence length), got values in [{lo}, {hi}]")
+    return lengths.to(device=device, dtype=torch.int64)
+
+
+# --- public functions ------------------------------------------------------------------------
+
+def _bias(b_ih: Optional[Tensor], b_hh: Optional[Tensor]) -> Optional[Tensor]:
+    if b_ih is None and b_hh is None:
+        return None
+    if b_ih is None or b_hh is None:
+        raise ValueError("b_ih and b_hh must both be given or both be None")
+    return b_ih + b_hh
+
+
+def _network(kind, input, hx, weights, num_layers, bidirectional, batch_first, dropout, training, lengths,
+             relu=False):
+    fn = "lstm" if kind == "lstm" else "rnn"
+    _check_input(input, fn)
+    if input.dim() not in (2, 3):
+        raise ValueError(f"{fn}: input must be 2-D (seq, feature) unbatched or 3-D, got shape {tuple(input.shape)}")
+    D = 2 if bidirectional else 1
+    if len(weights) != num_layers * D:
+        raise ValueError(f"{fn}: expected {num_layers * D} weight tuples (num_layers x directions), got {len(weights)}")
+    unbatched = input.dim() == 2
+    x = input.unsqueeze(1) if unbatched else (input.transpose(0, 1) if batch_first else input)
+    T, B, feat = x.shape
+    if T == 0 or B == 0:
+        raise ValueError(f"{fn}: input must have at least one time step and one sequence, got shape {tuple(input.shape)}")
+    G = 4 if kind == "lstm" else 1
+    w0 = weights[0]
+    H, P = w0[1].shape[0] // G, w0[1].shape[1]
+    if w0[0].shape[1] != feat:
+        raise ValueError(f"{fn}: input has {feat} features but w_ih of layer 0 expects {w0[0].shape[1]}")
+    for k, w in enumerate(weights):
+        for name, t in zip(("w_ih", "w_hh", "b_ih", "b_hh", "w_hr"), w):
+            if t is not None:
+                _check_tensor(f"{name} of weights[{k}]", t, x, fn=fn)
+    lengths = _check_lengths(lengths, T, B, x.device, fn)
+
+    if kind == "lstm":
+        if hx is None:
+            h0 = x.new_zeros(num_layers * D, B, P)
+            c0 = x.new_zeros(num_layers * D, B, H)
+        else:
+            if not (isinstance(hx, (tuple, list)) and len(hx) == 2):
+                raise TypeError("lstm: hx must be a tuple (h_0, c_0)")
+            h0, c0 = hx
+            if unbatched:
+                h0, c0 = h0.unsqueeze(1) if h0.dim() == 2 else h0, c0.unsqueeze(1) if c0.dim() == 2 else c0
+            _check_tensor("h_0", h0, x, (num_layers * D, B, P), fn)
+            _check_tensor("c_0", c0, x, (num_layers * D, B, H), fn)
+    else:
+        if hx is None:
+            h0 = x.new_zeros(num_layers * D, B, H)
+        else:
+            h0 = hx.unsqueeze(1) if unbatched and hx.dim() == 2 else hx
+            _check_tensor("h_0", h0, x, (num_layers * D, B, H), fn)
+
+    finals_h, finals_c = [], []
+    for layer in range(num_layers):
+        outs = []
+        for d in range(D):
+            k = layer * D + d
+            w = weights[k]
+            if kind == "lstm":
+                w_ih, w_hh, b_ih, b_hh, w_hr = w
+                y, hn, cn, *_ = _ops.lstm_layer_forward(x, h0[k], c0[k], w_ih, w_hh, _bias(b_ih, b_hh), w_hr,
+                                                        lengths, d == 1)
+                finals_c.append(cn)
+            else:
+                w_ih, w_hh, b_ih, b_hh = w
+                y, hn, _ = _ops.rnn_layer_forward(x, h0[k], w_ih, w_hh, _bias(b_ih, b_hh), lengths, d == 1, relu)
+            outs.append(y)
+            finals_h.append(hn)
+        x = outs[0] if D == 1 else torch.cat(outs, dim=-1)
+        if dropout > 0 and training and layer < num_layers - 1:
+            x = torch.nn.functional.dropout(x, dropout, training=True)
+    output = x.squeeze(1) if unbatched else (x.transpose(0, 1) if batch_first else x)
+    h_n = torch.stack(finals_h)
+    if unbatched:
+        h_n = h_n.squeeze(1)
+    if kind == "rnn":
+        return output, h_n
+    c_n = torch.stack(finals_c)
+    return output, (h_n, c_n.squeeze(1) if unbatched else c_n)
+
+
+def lstm(input: Tensor, weights: Sequence[tuple], hx: Optional[tuple[Tensor, Tensor]] = None, *,
+         num_layers: int = 1, bidirectional: bool = False, batch_first: bool = False, dropout: float = 0.0,
+         training: bool = False, lengths: Optional[Tensor] = None):
+    """A multi-layer LSTM over a sequence on the fused kernels; the math of ``torch.nn.LSTM``.
+
+    Args:
+        input: (T, B, I), (B, T, I) with ``batch_first``, or (T, I) unbatched.
+        weights: one tuple ``(w_ih, w_hh, b_ih, b_hh, w_hr)`` per (layer, direction) in torch's
+            order (biases and ``w_hr`` may be None); ``seqkernels.reference.weights_from_module``
+            builds it from an ``nn.LSTM``.
+        hx: (h_0 (L*D, B, P), c_0 (L*D, B, H)), zeros when None.
+        lengths: optional (B,) valid lengths: steps t >= lengths[b] leave sequence b's state
+            untouched and give zero output (PackedSequence semantics on padded input).
+
+    Returns:
+        (output (T, B, D*P), (h_n, c_n)), as ``torch.nn.LSTM``.
+    """
+    return _network("lstm", input, hx, weights, num_layers, bidirectional, batch_first, dropout, training, lengths)
+
+
+def rnn(input: Tensor, weights: Sequence[tuple], hx: Optional[Tensor] = None, *, num_layers: int = 1,
+        nonlinearity: str = "tanh", bidirectional: bool = False, batch_first: bool = False, dropout: float = 0.0,
+        training: bool = False, lengths: Optional[Tensor] = None):
+    """A multi-layer Elman RNN (tanh or relu) on the fused kernels; the math of ``torch.nn.RNN``.
+
+    Arguments as :func:`lstm`, with weight tuples ``(w_ih, w_hh, b_ih, b_hh)`` and hx h_0
+    (L*D, B, H). Returns (output, h_n).
+    """
+    if nonlinearity not in ("tanh", "relu"):
+        raise ValueError(f"rnn: nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
+    return _network("rnn", input, hx, weights, num_layers, bidirectional, batch_first, dropout, training, lengths,
+                    relu=nonlinearity == "relu")
+
+
+def lstm_cell(input: Tensor, hx: Optional[tuple[Tensor, Tensor]], w_ih: Tensor, w_hh: Tensor,
+              b_ih: Optional[Tensor] = None, b_hh: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """One fused LSTM step, the math of ``torch.nn.LSTMCell``: input (B, I) or (I,), hx
+    (h (B, H), c (B, H)) or None for zeros. Returns (h', c')."""
+    _check_input(input, "lstm_cell")
+    if input.dim() not in (1, 2):
+        raise ValueError(f"lstm_cell: input must be 1-D or 2-D, got shape {tuple(input.shape)}")
+    x = input.unsqueeze(0) if input.dim() == 1 else input
+    hx_ = None
+    if hx is not None:
+        h, c = hx
+        hx_ = (h.reshape(1, *x.shape[:1], -1), c.reshape(1, *x.shape[:1], -1))
+    out, (h, c) = lstm(x.unsqueeze(0), [(w_ih, w_hh, b_ih, b_hh, None)], hx_)
+    h, c = h[0], c[0]
+    return (h[0], c[0]) if input.dim() == 1 else (h, c)
+
+
+def rnn_cell(input: Tensor, hx: Optional[Tensor], w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor] = None,
+             b_hh: Optional[Tensor] = None, nonlinearity: str = "tanh") -> Tensor:
+    """One fused Elman RNN step, the math of ``torch.nn.RNNCell``. Returns h'."""
+    _check_input(input, "rnn_cell")
+    if input.dim() not in (1, 2):
+        raise ValueError(f"rnn_cell: input must be 1-D or 2-D, got shape {tuple(input.shape)}")
+    x = input.unsqueeze(0) if input.dim() == 1 else input
+    hx_ = None if hx is None else hx.reshape(1, x.shape[0], -1)
+    _, h = rnn(x.unsqueeze(0), [(w_ih, w_hh, b_ih, b_hh)], hx_, nonlinearity=nonlinearity)
+    return h[0, 0] if input.dim() == 1 else h[0]
