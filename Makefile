@@ -1,4 +1,5 @@
 # make test       create .venv if needed, install the pinned development set, build, run the CPU tests
+# make bench      the default CPU benchmark suite: speed and memory tables, JSON/CSV/PNG in bench/results/
 # make gpu-check  on a GPU machine with no network: build with the system Python, run `pytest -m gpu`
 # make clean      remove build outputs (keeps .venv)
 
@@ -11,10 +12,15 @@ SOURCES := setup.py pyproject.toml $(shell find csrc -type f \( -name '*.cpp' -o
 DEPS_STAMP  := $(VENV)/.deps-installed
 BUILD_STAMP := build/.built
 
-.PHONY: test venv build gpu-check clean
+.PHONY: test bench venv build gpu-check clean
 
 test: $(BUILD_STAMP)
 	$(VPY) -m pytest tests -q
+
+# About 6 minutes on the 2-core CPU machine.
+bench: $(BUILD_STAMP)
+	$(VPY) -m seqkernels.bench speed --device cpu --out bench/results
+	$(VPY) -m seqkernels.bench memory --device cpu --out bench/results
 
 venv: $(DEPS_STAMP)
 

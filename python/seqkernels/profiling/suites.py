@@ -166,7 +166,7 @@ def _sweep(case_prefix: str, impls, seq_lens, device, modes, params_for, theory_
                 xs.append(L)
                 ys.append(r.peak_bytes)
                 rows.append(dict(op=case_prefix, impl=impl, mode=mode, L=L, device=device, peak_bytes=r.peak_bytes,
-                                 **{k: v for k, v in params.items() if k != "backward"}, **theory_for(params)))
+                                 **{k: v for k, v in params.items() if k not in ("backward", "L")}, **theory_for(params)))
             sel = [(x, y) for x, y in zip(xs, ys) if x >= fit_from] if impl != "reference" else list(zip(xs, ys))
             fits[f"{case_prefix} {impl} {mode}"] = fit_exponent([x for x, _ in sel], [y for _, y in sel])
             if stopped:
