@@ -64,27 +64,40 @@ torch.library.register_autograd("seqkernels::flash_attention_forward", _backward
 
 
 # --- CUDA body -------------------------------------------------------------------------------
-# Until the Triton kernels land, CUDA tensors run the materialized reference math in fp32:
-# correct results, but O(Lq * Lk) memory and no speed-up. build_info() and the README say so.
+# The Triton kernels (kernels/flash_attention.py) for float16 and bfloat16. float32 and
+# float64 on CUDA run the materialized reference math in their dtype (O(Lq * Lk) memory):
+# no float32 Triton config compiles without register spills for every head dim yet (see
+# kernels/aot.py), and float64 on a GPU is for gradcheck, not for speed.
+
+_TRITON_DTYPES = (torch.float16, torch.bfloat16)
+
+def _triton():
+    from seqkernels.kernels import flash_attention as kernels
+
+    return kernels
+
 
 @torch.library.impl("seqkernels::flash_attention_forward", "CUDA")
 def _fwd_cuda(q, k, v, causal, bottom_right, scale):
-    work = torch.float64 if q.dtype == torch.float64 else torch.float32
-    out, lse = _reference_flash_attention(q.to(work), k.to(work), v.to(work), causal=causal,
-                                          scale=scale, bottom_right=bottom_right)
-    return out.to(q.dtype), lse.to(_lse_dtype(q.dtype))
+    if q.dtype in _TRITON_DTYPES:
+        return _triton().forward(q, k, v, causal, bottom_right, scale)
+    out, lse = _reference_flash_attention(q, k, v, causal=causal, scale=scale, bottom_right=bottom_right)
+    return out, lse.to(_lse_dtype(q.dtype))
 
 
 @torch.library.impl("seqkernels::flash_attention_backward", "CUDA")
 def _bwd_cuda(grad_out, grad_lse, q, k, v, out, lse, causal, bottom_right, scale):
-    work = torch.float64 if q.dtype == torch.float64 else torch.float32
+    if q.dtype in _TRITON_DTYPES:
+        return _triton().backward(grad_out, grad_lse, q, k, v, out, lse, causal, bottom_right, scale)
     with torch.enable_grad():
-        qw, kw, vw = (t.detach().to(work).requires_grad_() for t in (q, k, v))
+        qw, kw, vw = (t.detach().requires_grad_() for t in (q, k, v))
         o, l = _reference_flash_attention(qw, kw, vw, causal=causal, scale=scale, bottom_right=bottom_right)
-        grads = [grad_out.to(work)] + ([grad_lse.to(work)] if grad_lse is not None else [])
-        outs = [o] + ([l] if grad_lse is not None else [])
-        dq, dk, dv = torch.autograd.grad(outs, (qw, kw, vw), grads)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+        finite = torch.isfinite(l)
+        outs, grads = [o], [grad_out]
+        if grad_lse is not None:
+            outs.append(torch.where(finite, l, torch.zeros_like(l)))
+            grads.append(grad_lse.to(l.dtype))
+        return torch.autograd.grad(outs, (qw, kw, vw), grads)
 
 
 # --- argument checks -------------------------------------------------------------------------

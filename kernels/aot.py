@@ -1,0 +1,132 @@
+"""Ahead-of-time compile report for the Triton kernels, no GPU needed.
+
+    python -m seqkernels.kernels.aot [--json]
+
+Compiles every kernel (forward, backward dK/dV, backward dQ) in every config of
+``flash_attention.CONFIGS`` (in parallel over the CPU cores) for sm_80 and sm_90 with ``triton.compile(...,
+target=GPUTarget("cuda", arch, 32))``, at the largest head dim of each class, in float16
+with and without the causal mask, and reports per compile:
+shared memory, registers, stack frame and local memory (spills; read from the cubin with
+the cuobjdump that the triton package ships) and whether the PTX uses wgmma.
+
+Must run with TRITON_INTERPRET unset (interpreted kernels cannot be compiled).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from . import flash_attention as K
+
+SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # bytes per block: A100, H100
+KERNELS = {"fwd": K._attn_fwd, "dkdv": K._attn_bwd_dkdv, "dq": K._attn_bwd_dq}
+KIND = {"fwd": "fwd", "dkdv": "bwd", "dq": "bwd"}
+VARIANTS = [("fp16", True), ("fp16", False)]  # bfloat16 compiles to the same tiles
+_CONSTEXPRS = ("CAUSAL", "BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_DV", "F32")
+_FP32_POINTERS = {"LSE", "DELTA"}
+_TENSOR_POINTERS = {"Q", "K", "V", "O", "DO", "DK", "DV_", "DQ"}
+
+
+def cuobjdump() -> str:
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+
+def signature(fn, dtype: str) -> dict:
+    sig = {}
+    for name in fn.arg_names:
+        if name in _CONSTEXPRS:
+            sig[name] = "constexpr"
+        elif name in _FP32_POINTERS:
+            sig[name] = "*fp32"
+        elif name in _TENSOR_POINTERS:
+            sig[name] = "*" + dtype
+        elif name in ("qk_scale", "scale"):
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+    return sig
+
+
+def resources(cubin: bytes) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+        path = f.name
+    try:
+        out = subprocess.run([cuobjdump(), "--dump-resource-usage", path], capture_output=True, text=True,
+                             check=True).stdout
+    finally:
+        os.unlink(path)
+    line = next(line for line in out.splitlines() if "REG:" in line)
+    return {k: int(v) for k, v in re.findall(r"(\w+(?:\[\d+\])?):(\d+)", line)}
+
+
+def compile_one(kernel: str, arch: int, d: int, cfg: tuple, dtype: str, causal: bool) -> dict:
+    bm, bn, warps, stages = cfg
+    fn = KERNELS[kernel]
+    src = ASTSource(fn, signature(fn, dtype), constexprs=dict(
+        CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=d, BLOCK_DV=d, F32=dtype == "fp32"))
+    c = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps, num_stages=stages))
+    res = resources(c.asm["cubin"])
+    return dict(kernel=kernel, arch=arch, head_dim=d, config=list(cfg), dtype=dtype, causal=causal,
+                shared=c.metadata.shared, regs=res["REG"], stack=res["STACK"], local=res["LOCAL"],
+                wgmma="wgmma" in c.asm["ptx"], smem_limit=SMEM_LIMIT[arch])
+
+
+def cases(configs=None) -> list[tuple]:
+    """(kernel, arch, head dim, config, dtype, causal) for every config in ``configs``."""
+    configs = K.CONFIGS if configs is None else configs
+    return [(kernel, arch, d, tuple(cfg), dtype, causal)
+            for kernel in KERNELS
+            for arch in (80, 90)
+            for d, cfgs in configs[KIND[kernel]][arch].items()
+            for cfg in cfgs
+            for dtype, causal in VARIANTS]
+
+
+def report(configs=None, jobs: int = os.cpu_count() or 1) -> list[dict]:
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        raise RuntimeError("unset TRITON_INTERPRET: interpreted kernels cannot be compiled ahead of time")
+    todo = cases(configs)
+    if jobs <= 1:
+        return [compile_one(*c) for c in todo]
+    import multiprocessing
+
+    with multiprocessing.get_context("fork").Pool(jobs) as pool:
+        return pool.starmap(compile_one, todo)
+
+
+def wgmma_required(row: dict) -> bool:
+    return row["arch"] == 90 and (KIND[row["kernel"]], row["arch"], row["head_dim"]) not in K.NO_WGMMA
+
+
+def ok(row: dict) -> bool:
+    return (row["shared"] <= row["smem_limit"] and row["stack"] == 0 and row["local"] == 0
+            and (row["wgmma"] or not wgmma_required(row)))
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    rows = report()
+    if "--json" in argv:
+        print(json.dumps(rows))
+        return 0
+    print(f"{'kernel':<6} {'arch':<6} {'D':>4} {'config (M,N,warps,stages)':<26} {'dtype':<5} {'causal':<6} "
+          f"{'smem KiB':>8} {'regs':>4} {'stack':>5} {'wgmma':<5} ok")
+    for r in rows:
+        print(f"{r['kernel']:<6} sm_{r['arch']:<3} {r['head_dim']:>4} {str(tuple(r['config'])):<26} {r['dtype']:<5} "
+              f"{str(r['causal']):<6} {r['shared'] / 1024:>8.1f} {r['regs']:>4} {r['stack']:>5} "
+              f"{str(r['wgmma']):<5} {'yes' if ok(r) else 'NO'}")
+    return 0 if all(ok(r) for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,377 @@
+"""Flash attention in Triton: forward and backward, exact, O(n) memory.
+
+out = softmax(Q K^T * scale + causal mask) V, one (query block, key block) tile at a
+time with an online softmax in base 2 (exp2 with log2(e) folded into the scale). The
+forward writes O and the natural-log LSE of each row (fp32). The backward recomputes the
+probabilities from the LSE:
+
+    preprocess   delta_i = rowsum(dO_i * O_i) - dLSE_i                         (fp32)
+    dK, dV       one program per key block: loops over the query heads of its GQA group
+                 and the query blocks that see it; dV += P^T dO, dK += dS^T Q
+    dQ           one program per query block: loops over the key blocks it sees;
+                 dQ += dS K,  with dS = P * (dO V^T - delta)
+
+Every output element has exactly one writer (no atomics), so the backward is
+deterministic: the same inputs give bitwise the same gradients.
+
+Layout: q (B, H, Lq, D), k (B, Hk, Lk, D), v (B, Hk, Lk, Dv), any strides with unit
+stride in the last dim; Hk divides H. Causal: query i sees key j when j <= i + offset,
+offset = Lk - Lq (bottom-right) or 0 (top-left). A row that sees no key gets zeros,
+LSE -inf and zero gradients. float16 / bfloat16 on the GPU, with fp32 accumulation and fp32 softmax statistics. The
+kernels also take float32 (F32: products in tf32x3, three TF32 tensor-core products for
+about fp32 accuracy), which the interpreter tests run; on the GPU no float32 config has
+been found yet that compiles without spills for every head dim (kernels/aot.py), so
+seqkernels.ops.attention sends float32 CUDA tensors to the materialized reference math.
+
+Configs: on a GPU the block sizes are autotuned per architecture over CONFIGS (the AOT
+compile test checks every one of them for shared memory, spills and wgmma); without a GPU
+driver (TRITON_INTERPRET=1 on CPU tensors) the first config of the class is used, since
+Triton's autotuner needs a driver.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+@triton.jit
+def _attn_fwd(Q, K, V, O, LSE,
+              sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
+              H, G, Lq, Lk, D, DV, offset, qk_scale,
+              CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, F32: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    hk = h // G
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q_ptrs = Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=(offs_m[:, None] < Lq) & (offs_d[None, :] < D), other=0.0)
+    k_base = K + b * skb + hk * skh
+    v_base = V + b * svb + hk * svh
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    kend = Lk
+    if CAUSAL:
+        kend = tl.minimum(Lk, tl.maximum(0, (pid_m + 1) * BLOCK_M + offset))
+    for start_n in range(0, kend, BLOCK_N):
+        cols = start_n + offs_n
+        k = tl.load(k_base + cols[None, :] * skn + offs_d[:, None],
+                    mask=(cols[None, :] < Lk) & (offs_d[:, None] < D), other=0.0)  # (BLOCK_D, BLOCK_N)
+        if F32:
+            s = tl.dot(q, k, input_precision="tf32x3")
+        else:
+            s = tl.dot(q, k)
+        s = s * qk_scale  # base-2 logits
+        valid = cols[None, :] < Lk
+        if CAUSAL:
+            valid = valid & (cols[None, :] <= offs_m[:, None] + offset)
+        s = tl.where(valid, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + cols[:, None] * svn + offs_dv[None, :],
+                    mask=(cols[:, None] < Lk) & (offs_dv[None, :] < DV), other=0.0)
+        acc = acc * alpha[:, None]
+        if F32:
+            acc += tl.dot(p.to(v.dtype), v, input_precision="tf32x3")
+        else:
+            acc += tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    o_ptrs = O + b * sob + h * soh + offs_m[:, None] * som + offs_dv[None, :]
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=(offs_m[:, None] < Lq) & (offs_dv[None, :] < DV))
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    tl.store(LSE + bh * Lq + offs_m, lse, mask=offs_m < Lq)
+
+
+@triton.jit
+def _attn_bwd_preprocess(O, DO, DLSE, DELTA, sob, soh, som, sdb, sdh, sdm, H, Lq, DV,
+                         HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    mask = (offs_m[:, None] < Lq) & (offs_dv[None, :] < DV)
+    o = tl.load(O + b * sob + h * soh + offs_m[:, None] * som + offs_dv[None, :], mask=mask, other=0.0)
+    do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdm + offs_dv[None, :], mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    if HAS_DLSE:
+        delta -= tl.load(DLSE + bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
+    tl.store(DELTA + bh * Lq + offs_m, delta, mask=offs_m < Lq)
+
+
+@triton.jit
+def _probs_and_dscores(q, k, v, do, lse2, delta, rows, cols, Lk, offset, qk_scale,
+                       CAUSAL: tl.constexpr, F32: tl.constexpr):
+    """For one tile: P (recomputed from the LSE) and dS = P * (dO V^T - delta)."""
+    if F32:
+        s = tl.dot(q, k, input_precision="tf32x3")
+    else:
+        s = tl.dot(q, k)
+    s = s * qk_scale
+    valid = cols[None, :] < Lk
+    if CAUSAL:
+        valid = valid & (cols[None, :] <= rows[:, None] + offset)
+    p = tl.where(valid, tl.exp2(s - lse2[:, None]), 0.0)
+    if F32:
+        dp = tl.dot(do, v, input_precision="tf32x3")
+    else:
+        dp = tl.dot(do, v)
+    ds = p * (dp - delta[:, None])
+    return p, ds
+
+
+@triton.jit
+def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV_,
+                   sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdb, sdh, sdm,
+                   sdkb, sdkh, sdkn, sdvb, sdvh, sdvn,
+                   H, Hk, G, Lq, Lk, D, DV, offset, qk_scale, scale,
+                   CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, F32: tl.constexpr):
+    pid_n = tl.program_id(0)
+    bhk = tl.program_id(1)
+    b = bhk // Hk
+    hk = bhk % Hk
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    offs_mb = tl.arange(0, BLOCK_M)
+    k = tl.load(K + b * skb + hk * skh + cols[None, :] * skn + offs_d[:, None],
+                mask=(cols[None, :] < Lk) & (offs_d[:, None] < D), other=0.0)          # (BLOCK_D, BLOCK_N)
+    v = tl.load(V + b * svb + hk * svh + cols[None, :] * svn + offs_dv[:, None],
+                mask=(cols[None, :] < Lk) & (offs_dv[:, None] < DV), other=0.0)       # (BLOCK_DV, BLOCK_N)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    start_m = 0
+    if CAUSAL:  # the first query that sees key pid_n * BLOCK_N: i + offset >= j
+        start_m = tl.maximum(0, pid_n * BLOCK_N - offset) // BLOCK_M * BLOCK_M
+    for g in range(0, G):
+        h = hk * G + g
+        bh = b * H + h
+        for m0 in range(start_m, Lq, BLOCK_M):
+            rows = m0 + offs_mb
+            q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqm + offs_d[None, :],
+                        mask=(rows[:, None] < Lq) & (offs_d[None, :] < D), other=0.0)
+            do = tl.load(DO + b * sdb + h * sdh + rows[:, None] * sdm + offs_dv[None, :],
+                         mask=(rows[:, None] < Lq) & (offs_dv[None, :] < DV), other=0.0)
+            lse = tl.load(LSE + bh * Lq + rows, mask=rows < Lq, other=float("-inf"))
+            # a row that sees no key: LSE -inf; +inf makes exp2(s - lse) zero for it
+            lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+            delta = tl.load(DELTA + bh * Lq + rows, mask=rows < Lq, other=0.0)
+            p, ds = _probs_and_dscores(q, k, v, do, lse2, delta, rows, cols, Lk, offset, qk_scale, CAUSAL, F32)
+            if F32:
+                dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision="tf32x3")
+                dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision="tf32x3")
+            else:
+                dv += tl.dot(tl.trans(p.to(do.dtype)), do)
+                dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+    mask_n = cols[:, None] < Lk
+    tl.store(DK + b * sdkb + hk * sdkh + cols[:, None] * sdkn + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty),
+             mask=mask_n & (offs_d[None, :] < D))
+    tl.store(DV_ + b * sdvb + hk * sdvh + cols[:, None] * sdvn + offs_dv[None, :], dv.to(DV_.dtype.element_ty),
+             mask=mask_n & (offs_dv[None, :] < DV))
+
+
+@triton.jit
+def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
+                 sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdb, sdh, sdm, sdqb, sdqh, sdqm,
+                 H, G, Lq, Lk, D, DV, offset, qk_scale, scale,
+                 CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, F32: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    hk = h // G
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqm + offs_d[None, :],
+                mask=(rows[:, None] < Lq) & (offs_d[None, :] < D), other=0.0)
+    do = tl.load(DO + b * sdb + h * sdh + rows[:, None] * sdm + offs_dv[None, :],
+                 mask=(rows[:, None] < Lq) & (offs_dv[None, :] < DV), other=0.0)
+    lse = tl.load(LSE + bh * Lq + rows, mask=rows < Lq, other=float("-inf"))
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    delta = tl.load(DELTA + bh * Lq + rows, mask=rows < Lq, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    kend = Lk
+    if CAUSAL:
+        kend = tl.minimum(Lk, tl.maximum(0, (pid_m + 1) * BLOCK_M + offset))
+    k_base = K + b * skb + hk * skh
+    v_base = V + b * svb + hk * svh
+    for start_n in range(0, kend, BLOCK_N):
+        cols = start_n + offs_n
+        kt = tl.load(k_base + cols[None, :] * skn + offs_d[:, None],
+                     mask=(cols[None, :] < Lk) & (offs_d[:, None] < D), other=0.0)     # (BLOCK_D, BLOCK_N)
+        vt = tl.load(v_base + cols[None, :] * svn + offs_dv[:, None],
+                     mask=(cols[None, :] < Lk) & (offs_dv[:, None] < DV), other=0.0)  # (BLOCK_DV, BLOCK_N)
+        p, ds = _probs_and_dscores(q, kt, vt, do, lse2, delta, rows, cols, Lk, offset, qk_scale, CAUSAL, F32)
+        if F32:
+            dq += tl.dot(ds.to(q.dtype), tl.trans(kt), input_precision="tf32x3")
+        else:
+            dq += tl.dot(ds.to(q.dtype), tl.trans(kt))
+    tl.store(DQ + b * sdqb + h * sdqh + rows[:, None] * sdqm + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
+             mask=(rows[:, None] < Lq) & (offs_d[None, :] < D))
+
+
+# --- configs ---------------------------------------------------------------------------------
+# (BLOCK_M, BLOCK_N, num_warps, num_stages). The first entry of each list is the fixed
+# config used without a GPU driver. Every entry is checked by kernels/aot.py (run by
+# tests/kernels/test_aot_compile.py): compiles for sm_80 and sm_90, fits shared memory,
+# no register spills, wgmma on sm_90.
+
+HEAD_DIM_CLASSES = (64, 128, 256)
+
+# CONFIGS[kind][arch][head-dim class] for float16 / bfloat16; kind "fwd" for the forward
+# kernel, "bwd" for both backward kernels (dK/dV and dQ keep more tiles live, so they need
+# smaller blocks or more warps). Ampere (sm_80): 163 KiB shared memory per block, mma.sync.
+# Hopper (sm_90): 227 KiB, wgmma (a warpgroup of 4 warps, M >= 64). Configs that spilled in
+# kernels/aot.py were removed. One exception to "wgmma on sm_90" is kept and tested as
+# such (NO_WGMMA): the backward at head dim 256, where every tile large enough for wgmma
+# spills registers and (32, 32, 8, 1) with mma.sync does not.
+CONFIGS = {
+    "fwd": {
+        80: {64: [(64, 64, 4, 2)], 128: [(64, 64, 4, 2), (64, 32, 4, 3)],
+             256: [(32, 32, 4, 1), (64, 32, 8, 1)]},
+        90: {64: [(64, 64, 4, 2), (128, 64, 8, 3), (128, 128, 8, 2)],
+             128: [(64, 64, 4, 2), (128, 64, 8, 2), (128, 32, 8, 3)], 256: [(64, 64, 8, 1)]},
+    },
+    "bwd": {
+        80: {64: [(64, 64, 8, 2), (32, 64, 4, 2), (64, 32, 4, 2)], 128: [(32, 32, 4, 2)], 256: [(32, 32, 8, 1)]},
+        90: {64: [(64, 64, 4, 2), (128, 64, 8, 3)], 128: [(64, 64, 8, 2)], 256: [(32, 32, 8, 1)]},
+    },
+}
+NO_WGMMA = {("bwd", 90, 256)}
+
+
+def head_dim_class(d: int) -> int:
+    for c in HEAD_DIM_CLASSES:
+        if d <= c:
+            return c
+    raise ValueError(f"head dim {d} is above {HEAD_DIM_CLASSES[-1]}")
+
+
+def _pow2(n: int) -> int:
+    return max(16, triton.next_power_of_2(n))
+
+
+def _configs_for(kind: str, device: torch.device, d: int):
+    if device.type != "cuda":
+        return CONFIGS[kind][90][head_dim_class(d)][:1]
+    major, _ = torch.cuda.get_device_capability(device)
+    return CONFIGS[kind][90 if major >= 9 else 80][head_dim_class(d)]
+
+
+_TUNED: dict = {}
+
+
+def _best_config(kind: str, device, key: tuple, run) -> tuple:
+    """The fastest config for ``key`` (timed once per key on a GPU), or the fixed one."""
+    configs = _configs_for("fwd" if kind == "fwd" else "bwd", device, key[0])
+    if device.type != "cuda" or len(configs) == 1:
+        return configs[0]
+    k = (kind, torch.cuda.get_device_capability(device)) + key
+    if k not in _TUNED:
+        times = []
+        for cfg in configs:
+            try:
+                times.append((triton.testing.do_bench(lambda: run(cfg), warmup=5, rep=20), cfg))
+            except Exception:  # a config the device cannot run (resources): skip it
+                continue
+        _TUNED[k] = min(times)[1]
+    return _TUNED[k]
+
+
+def _tune_key(q, k, v, causal):
+    return (max(q.shape[-1], v.shape[-1]), bool(causal), q.dtype,
+            triton.next_power_of_2(q.shape[2]), triton.next_power_of_2(k.shape[2]))
+
+
+# --- launchers -------------------------------------------------------------------------------
+
+def _prep(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def forward(q, k, v, causal: bool, bottom_right: bool, scale: float):
+    """Returns (out (B, H, Lq, Dv) in q's dtype, lse (B, H, Lq) fp32)."""
+    from seqkernels.testing import poisoned_empty
+
+    q, k, v = _prep(q), _prep(k), _prep(v)
+    B, H, Lq, D = q.shape
+    Hk, Lk, DV = k.shape[1], k.shape[2], v.shape[3]
+    out = poisoned_empty(B, H, Lq, DV, dtype=q.dtype, device=q.device)
+    lse = poisoned_empty(B, H, Lq, dtype=torch.float32, device=q.device)
+    offset = Lk - Lq if bottom_right else 0
+    f32 = q.dtype == torch.float32
+
+    def run(cfg):
+        bm, bn, warps, stages = cfg
+        grid = (triton.cdiv(Lq, bm), B * H)
+        _attn_fwd[grid](q, k, v, out, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+                        H, H // Hk, Lq, Lk, D, DV, offset, scale * LOG2E,
+                        CAUSAL=bool(causal), BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(DV),
+                        F32=f32, num_warps=warps, num_stages=stages)
+
+    run(_best_config("fwd", q.device, _tune_key(q, k, v, causal), run))
+    return out, lse
+
+
+def backward(grad_out, grad_lse, q, k, v, out, lse, causal: bool, bottom_right: bool, scale: float):
+    """Returns (dq, dk, dv) in the dtypes of q, k, v."""
+    from seqkernels.testing import poisoned_empty
+
+    q, k, v, out, do = _prep(q), _prep(k), _prep(v), _prep(out), _prep(grad_out.to(q.dtype))
+    B, H, Lq, D = q.shape
+    Hk, Lk, DV = k.shape[1], k.shape[2], v.shape[3]
+    lse = lse.to(torch.float32).contiguous()
+    dlse = None if grad_lse is None else grad_lse.to(torch.float32).contiguous()
+    delta = torch.empty(B, H, Lq, dtype=torch.float32, device=q.device)
+    pre_m = 64
+    _attn_bwd_preprocess[(triton.cdiv(Lq, pre_m), B * H)](
+        out, do, dlse if dlse is not None else delta, delta, *out.stride()[:3], *do.stride()[:3], H, Lq, DV,
+        HAS_DLSE=dlse is not None, BLOCK_M=pre_m, BLOCK_DV=_pow2(DV))
+    dq = poisoned_empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = poisoned_empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = poisoned_empty(v.shape, dtype=v.dtype, device=v.device)
+    offset = Lk - Lq if bottom_right else 0
+    f32 = q.dtype == torch.float32
+    common = dict(CAUSAL=bool(causal), BLOCK_D=_pow2(D), BLOCK_DV=_pow2(DV), F32=f32)
+    key = _tune_key(q, k, v, causal)
+
+    def run_dkdv(cfg):
+        bm, bn, warps, stages = cfg
+        _attn_bwd_dkdv[(triton.cdiv(Lk, bn), B * Hk)](
+            q, k, v, do, lse, delta, dk, dv, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
+            *dk.stride()[:3], *dv.stride()[:3], H, Hk, H // Hk, Lq, Lk, D, DV, offset, scale * LOG2E, scale,
+            BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **common)
+
+    def run_dq(cfg):
+        bm, bn, warps, stages = cfg
+        _attn_bwd_dq[(triton.cdiv(Lq, bm), B * H)](
+            q, k, v, do, lse, delta, dq, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
+            *dq.stride()[:3], H, H // Hk, Lq, Lk, D, DV, offset, scale * LOG2E, scale,
+            BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **common)
+
+    run_dkdv(_best_config("dkdv", q.device, key, run_dkdv))
+    run_dq(_best_config("dq", q.device, key, run_dq))
+    return dq, dk, dv
+
