@@ -9,9 +9,11 @@ Cases:
                                 attention with params B, H, L (= Lq = Lk), D, causal,
                                 backward, dtype
   lstm.{seqkernels,torch,cell_loop,reference}
-                                a one-layer LSTM with params T, B, I, H, backward: the fused
-                                kernels, torch.nn.LSTM (oneDNN/cuDNN), torch.nn.LSTMCell
-                                stepped in a Python loop, and the reference
+  rnn.{seqkernels,torch,cell_loop,reference}
+                                a one-layer LSTM / tanh RNN with params T, B, I, H,
+                                backward: the fused kernels, torch.nn.LSTM / RNN
+                                (oneDNN/cuDNN), torch.nn.LSTMCell / RNNCell stepped in a
+                                Python loop, and the reference
 """
 
 from __future__ import annotations
@@ -78,41 +80,44 @@ def build_case(name: str, p: dict, device: str):
 
         return fwd_bwd
 
-    if name.startswith("lstm."):
-        return _lstm_case(name.split(".", 1)[1], p, device)
+    if name.startswith(("lstm.", "rnn.")):
+        family, impl = name.split(".", 1)
+        return _recurrent_case(family, impl, p, device)
 
     raise KeyError(f"unknown case {name!r}")
 
 
-def _lstm_case(impl: str, p: dict, device: str):
+def _recurrent_case(family: str, impl: str, p: dict, device: str):
     import seqkernels
     from seqkernels import reference as ref
 
     T, B, I, H = p.get("T", 100), p.get("B", 64), p.get("I", 512), p.get("H", 512)
     dtype = DTYPES[p.get("dtype", "float32")]
     backward = bool(p.get("backward", False))
+    lstm = family == "lstm"
     torch.manual_seed(0)
-    module = torch.nn.LSTM(I, H).to(device=device, dtype=dtype)
-    cell = torch.nn.LSTMCell(I, H).to(device=device, dtype=dtype)
+    module = (torch.nn.LSTM if lstm else torch.nn.RNN)(I, H).to(device=device, dtype=dtype)
+    cell = (torch.nn.LSTMCell if lstm else torch.nn.RNNCell)(I, H).to(device=device, dtype=dtype)
     x = torch.randn(T, B, I, device=device, dtype=dtype, requires_grad=backward)
     weights = ref.weights_from_module(module)
+    fused, textbook = (seqkernels.lstm, ref.lstm) if lstm else (seqkernels.rnn, ref.rnn)
     if impl == "seqkernels":
-        run = lambda: seqkernels.lstm(x, weights)[0]  # noqa: E731
+        run = lambda: fused(x, weights)[0]  # noqa: E731
     elif impl == "torch":
         run = lambda: module(x)[0]  # noqa: E731
     elif impl == "reference":
-        run = lambda: ref.lstm(x, weights)[0]  # noqa: E731
+        run = lambda: textbook(x, weights)[0]  # noqa: E731
     elif impl == "cell_loop":
         def run():
             h = x.new_zeros(B, H)
-            c = x.new_zeros(B, H)
+            state = (h, x.new_zeros(B, H)) if lstm else h
             outs = []
             for t in range(T):
-                h, c = cell(x[t], (h, c))
-                outs.append(h)
+                state = cell(x[t], state)
+                outs.append(state[0] if lstm else state)
             return torch.stack(outs)
     else:
-        raise KeyError(f"unknown lstm implementation {impl!r}")
+        raise KeyError(f"unknown {family} implementation {impl!r}")
     params = [x] + (list(cell.parameters()) if impl == "cell_loop" else list(module.parameters()))
     if not backward:
         def fwd():
@@ -123,7 +128,8 @@ def _lstm_case(impl: str, p: dict, device: str):
     return lambda: torch.autograd.grad(run(), params, go)
 
 
-def lstm_flops(T: int, B: int, I: int, H: int, backward: bool = False) -> float:
-    """2 * 4H * (I + H) per step and sequence forward; the backward does twice that."""
-    f = 2.0 * T * B * 4 * H * (I + H)
+def lstm_flops(T: int, B: int, I: int, H: int, backward: bool = False, gates: int = 4) -> float:
+    """2 * G*H * (I + H) per step and sequence forward (G = 4 gates for the LSTM, 1 for the
+    RNN); the backward does twice that."""
+    f = 2.0 * T * B * gates * H * (I + H)
     return 3 * f if backward else f

@@ -65,7 +65,7 @@ def attention_speed_cases(device: str, quick: bool) -> list[SpeedCase]:
     return cases
 
 
-def lstm_speed_cases(device: str, quick: bool) -> list[SpeedCase]:
+def _recurrent_speed_cases(family: str, quick: bool) -> list[SpeedCase]:
     from .cases import lstm_flops
 
     T, I, H = 100, 512, 512
@@ -74,17 +74,28 @@ def lstm_speed_cases(device: str, quick: bool) -> list[SpeedCase]:
     for B in batches:
         for backward in (False, True):
             p = dict(T=T, B=B, I=I, H=H, backward=backward, dtype="float32")
-            impls = {"seqkernels": "lstm.seqkernels", "torch": "lstm.torch", "cell_loop": "lstm.cell_loop"}
+            impls = {"seqkernels": f"{family}.seqkernels", "torch": f"{family}.torch",
+                     "cell_loop": f"{family}.cell_loop"}
             if not quick:
-                impls["reference"] = "lstm.reference"
-            cases.append(SpeedCase("lstm", f"T={T} B={B} I={I} H={H}", p, impls, lstm_flops(T, B, I, H, backward),
+                impls["reference"] = f"{family}.reference"
+            flops = lstm_flops(T, B, I, H, backward, gates=4 if family == "lstm" else 1)
+            cases.append(SpeedCase(family, f"T={T} B={B} I={I} H={H}", p, impls, flops,
                                    "fwd+bwd" if backward else "fwd"))
     return cases
+
+
+def lstm_speed_cases(device: str, quick: bool) -> list[SpeedCase]:
+    return _recurrent_speed_cases("lstm", quick)
+
+
+def rnn_speed_cases(device: str, quick: bool) -> list[SpeedCase]:
+    return _recurrent_speed_cases("rnn", quick)
 
 
 SPEED_SUITES: dict[str, Callable[[str, bool], list[SpeedCase]]] = {
     "attention": attention_speed_cases,
     "lstm": lstm_speed_cases,
+    "rnn": rnn_speed_cases,
 }
 
 
