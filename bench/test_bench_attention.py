@@ -5,9 +5,8 @@ lines up the same shape across runs, and within a group the implementations comp
 """
 
 import pytest
-import torch
 
-from seqkernels.profiling.cases import build_case
+from benchlib import run_case
 
 IMPLS = ["seqkernels", "sdpa", "reference"]
 
@@ -15,15 +14,9 @@ IMPLS = ["seqkernels", "sdpa", "reference"]
 def _run(benchmark, device, impl, L, D, causal, backward, rounds):
     if impl == "reference" and L > 2048:
         pytest.skip("the reference's L x L matrices are too large to be worth timing")
-    fn = build_case(f"attention.{impl}", dict(B=1, H=8, L=L, D=D, causal=causal, backward=backward), device)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-
-    def call():
-        fn()
-        sync()
-
-    benchmark.group = f"attention-{device}-{'fwdbwd' if backward else 'fwd'}-L{L}-D{D}-{'causal' if causal else 'full'}"
-    benchmark.pedantic(call, rounds=rounds, warmup_rounds=1)
+    group = f"attention-{device}-{'fwdbwd' if backward else 'fwd'}-L{L}-D{D}-{'causal' if causal else 'full'}"
+    run_case(benchmark, f"attention.{impl}", dict(B=1, H=8, L=L, D=D, causal=causal, backward=backward), device,
+             group, rounds)
 
 
 @pytest.mark.parametrize("impl", IMPLS)

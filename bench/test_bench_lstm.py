@@ -2,23 +2,15 @@
 Python loop, and the reference. T=100, I=H=512, float32. Groups: "lstm-{device}-{mode}-B{B}"."""
 
 import pytest
-import torch
 
-from seqkernels.profiling.cases import build_case
+from benchlib import run_case
 
 IMPLS = ["seqkernels", "torch", "cell_loop", "reference"]
 
 
 def _run(benchmark, device, impl, B, backward, rounds):
-    fn = build_case(f"lstm.{impl}", dict(T=100, B=B, I=512, H=512, backward=backward), device)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-
-    def call():
-        fn()
-        sync()
-
-    benchmark.group = f"lstm-{device}-{'fwdbwd' if backward else 'fwd'}-B{B}"
-    benchmark.pedantic(call, rounds=rounds, warmup_rounds=1)
+    run_case(benchmark, f"lstm.{impl}", dict(T=100, B=B, I=512, H=512, backward=backward), device,
+             f"lstm-{device}-{'fwdbwd' if backward else 'fwd'}-B{B}", rounds)
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -18,6 +18,7 @@
 #endif
 
 #include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
@@ -92,6 +93,47 @@ inline void gemm_rm(Trans ta, Trans tb, int64_t m, int64_t n, int64_t k, scalar_
   }
 }
 
+// oneDNN's matmul, through torch's own ops mkldnn::_linear_pointwise (Y = X W^T) and
+// mkldnn::_reorder_linear_weight (W packed once for a given batch size), which x86 and
+// aarch64 builds of torch register. On this project's AMD machines MKL's sgemm (what
+// at::mm and cblas reach) runs its AVX2 code at about half the speed of oneDNN's AVX-512
+// kernels, which nn.LSTM uses: measured 145 (MKL), 352 (oneDNN) and 489 GFLOP/s (oneDNN,
+// packed W) for the per-step 64 x 512 x 2048 product. Where the ops are missing or have
+// another signature, BLAS is used.
+using LinearFn = at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                            c10::string_view, c10::List<std::optional<c10::Scalar>>,
+                            std::optional<c10::string_view>);
+using PackFn = at::Tensor(const at::Tensor&, std::optional<int64_t>);
+
+template <typename Fn>
+inline std::optional<c10::TypedOperatorHandle<Fn>> find_op(const char* name) {
+  auto handle = c10::Dispatcher::singleton().findSchema({name, ""});
+  if (!handle) return std::nullopt;
+  try {
+    return handle->typed<Fn>();
+  } catch (const c10::Error&) {
+    return std::nullopt;
+  }
+}
+
+inline const std::optional<c10::TypedOperatorHandle<LinearFn>>& linear_op() {
+  static const auto op = find_op<LinearFn>("mkldnn::_linear_pointwise");
+  return op;
+}
+
+inline const std::optional<c10::TypedOperatorHandle<PackFn>>& pack_op() {
+  static const auto op = find_op<PackFn>("mkldnn::_reorder_linear_weight");
+  return op;
+}
+
+inline bool onednn_available() { return linear_op().has_value() && pack_op().has_value(); }
+
+inline at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& w) {
+  return linear_op()->call(x, w, std::nullopt, "none", c10::List<std::optional<c10::Scalar>>(), std::nullopt);
+}
+
+inline at::Tensor onednn_pack(const at::Tensor& w, int64_t batch) { return pack_op()->call(w, batch); }
+
 // max of x[0:n]. Four independent accumulators: a single chain of vector max
 // instructions would be bound by their latency, not by loads.
 template <typename scalar_t>
@@ -152,6 +194,13 @@ inline double exp_sub_sum(double* x, int64_t n, double sub) {
     s += x[j];
   }
   return s;
+}
+
+// out[0:n] += x[0:n]
+template <typename scalar_t>
+inline void add_into(scalar_t* out, const scalar_t* x, int64_t n) {
+  using Vec = at::vec::Vectorized<scalar_t>;
+  at::vec::map2([](Vec a, Vec b) { return a + b; }, out, out, x, n);
 }
 
 template <typename scalar_t>

@@ -4,7 +4,6 @@
 // batch with at::parallel_for. float32 and float64.
 
 #include <ATen/Parallel.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include <cstring>
@@ -45,47 +44,6 @@ void for_rows(const Layer& L, int64_t width, F&& f) {
 
 inline bool masked(const Layer& L, int64_t t, int64_t b) { return L.lengths && t >= L.lengths[b]; }
 
-// oneDNN's matmul, through torch's own ops mkldnn::_linear_pointwise (Y = X W^T) and
-// mkldnn::_reorder_linear_weight (W packed once for a given batch size), which x86 and
-// aarch64 builds of torch register. On this project's AMD machines MKL's sgemm (what
-// at::mm and cblas reach) runs its AVX2 code at about half the speed of oneDNN's AVX-512
-// kernels, which nn.LSTM uses: measured 145 (MKL), 352 (oneDNN) and 489 GFLOP/s (oneDNN,
-// packed W) for the per-step 64 x 512 x 2048 product. Where the ops are missing or have
-// another signature, BLAS is used.
-using LinearFn = at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-                            c10::string_view, c10::List<std::optional<c10::Scalar>>,
-                            std::optional<c10::string_view>);
-using PackFn = at::Tensor(const at::Tensor&, std::optional<int64_t>);
-
-template <typename Fn>
-std::optional<c10::TypedOperatorHandle<Fn>> find_op(const char* name) {
-  auto handle = c10::Dispatcher::singleton().findSchema({name, ""});
-  if (!handle) return std::nullopt;
-  try {
-    return handle->typed<Fn>();
-  } catch (const c10::Error&) {
-    return std::nullopt;
-  }
-}
-
-const std::optional<c10::TypedOperatorHandle<LinearFn>>& linear_op() {
-  static const auto op = find_op<LinearFn>("mkldnn::_linear_pointwise");
-  return op;
-}
-
-const std::optional<c10::TypedOperatorHandle<PackFn>>& pack_op() {
-  static const auto op = find_op<PackFn>("mkldnn::_reorder_linear_weight");
-  return op;
-}
-
-bool onednn_available() { return linear_op().has_value() && pack_op().has_value(); }
-
-at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& w) {
-  return linear_op()->call(x, w, std::nullopt, "none", c10::List<std::optional<c10::Scalar>>(), std::nullopt);
-}
-
-at::Tensor onednn_pack(const at::Tensor& w, int64_t batch) { return pack_op()->call(w, batch); }
-
 struct CpuBackend {
   template <typename F>
   static void dispatch(at::ScalarType t, F&& f) {
@@ -106,7 +64,7 @@ struct CpuBackend {
       if (ptr == w && rows == batch) return t;
     }
     at::Tensor dense = at::from_blob(const_cast<float*>(w), {n, k}, at::TensorOptions().dtype(at::kFloat));
-    packed_.emplace_back(w, batch, onednn_pack(dense, batch));
+    packed_.emplace_back(w, batch, cpu::onednn_pack(dense, batch));
     return std::get<2>(packed_.back());
   }
 
@@ -117,8 +75,8 @@ struct CpuBackend {
             const scalar_t* b, int64_t ldb, scalar_t beta, scalar_t* c, int64_t ldc) {
     if constexpr (std::is_same_v<scalar_t, float>) {
       if (ta == Tr::N && tb == Tr::T && alpha == 1.f && beta == 0.f && lda == k && ldb == k && ldc == n &&
-          onednn_available()) {
-        at::Tensor y = onednn_linear(at::from_blob(const_cast<float*>(a), {m, k}, at::kFloat), packed(b, n, k, m));
+          cpu::onednn_available()) {
+        at::Tensor y = cpu::onednn_linear(at::from_blob(const_cast<float*>(a), {m, k}, at::kFloat), packed(b, n, k, m));
         std::memcpy(c, y.const_data_ptr<float>(), sizeof(float) * m * n);
         return;
       }
@@ -132,8 +90,8 @@ struct CpuBackend {
   template <typename scalar_t>
   const scalar_t* matmul_nt(int64_t m, int64_t n, int64_t k, const scalar_t* a, const scalar_t* w, scalar_t* out) {
     if constexpr (std::is_same_v<scalar_t, float>) {
-      if (onednn_available()) {
-        last_ = onednn_linear(at::from_blob(const_cast<float*>(a), {m, k}, at::kFloat), packed(w, n, k, m));
+      if (cpu::onednn_available()) {
+        last_ = cpu::onednn_linear(at::from_blob(const_cast<float*>(a), {m, k}, at::kFloat), packed(w, n, k, m));
         return last_.const_data_ptr<float>();
       }
     }
@@ -143,15 +101,15 @@ struct CpuBackend {
 
   // x (T*B, I) W_ih^T: a new (T*B, G*H) tensor.
   at::Tensor input_projection(const at::Tensor& x, const at::Tensor& w_ih) {
-    if (x.scalar_type() == at::kFloat && onednn_available()) {
-      return onednn_linear(x, onednn_pack(w_ih, x.size(0)));
+    if (x.scalar_type() == at::kFloat && cpu::onednn_available()) {
+      return cpu::onednn_linear(x, cpu::onednn_pack(w_ih, x.size(0)));
     }
     return at::mm(x, w_ih.t());
   }
 
   // Tensor product a @ b (2-D, any strides).
   static at::Tensor mm(const at::Tensor& a, const at::Tensor& b) {
-    if (a.scalar_type() == at::kFloat && onednn_available()) return onednn_linear(a.contiguous(), b.t().contiguous());
+    if (a.scalar_type() == at::kFloat && cpu::onednn_available()) return cpu::onednn_linear(a.contiguous(), b.t().contiguous());
     return at::mm(a, b);
   }
 

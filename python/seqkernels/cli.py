@@ -125,13 +125,18 @@ def _plot_speed(rows, path, meta) -> bool:
                     ax.plot(*zip(*pts), style, label=f"{col} ({op})")
         ax.set(xscale="log", yscale="log", xlabel="sequence length", ylabel="median time (ms)",
                title=f"attention {mode}, B=1 H=8 D=64 float32")
+    _finish_plot(plt, fig, axes, meta, path)
+    return True
+
+
+def _finish_plot(plt, fig, axes, meta, path) -> None:
+    for ax in axes:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(f"{meta['machine']} — {meta['date']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return True
 
 
 # --- memory ----------------------------------------------------------------------------------
@@ -199,12 +204,7 @@ def _plot_memory(rows, fits, path, meta) -> None:
         ax.plot(lens, [th[n]["output_bytes"] / 2**20 for n in lens], "--", color="gray", label="output n·d (theory)")
         ax.set(xscale="log", yscale="log", xlabel="sequence length n", ylabel="peak extra memory (MiB)",
                title=f"attention {mode}: B=1 H=8 D=64 float32")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle(f"{meta['machine']} — {meta['date']}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _finish_plot(plt, fig, axes, meta, path)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -123,8 +123,9 @@ def test_large_logits_do_not_overflow():
     out = seqkernels.flash_attention(q, k, v)
     assert torch.isfinite(out).all()
     exp = ref.flash_attention(q.double(), k.double(), v.double())[0]
-    # logits of order 1e3: float32 rounding of the scores themselves sets the error
-    torch.testing.assert_close(out.double(), exp, rtol=1e-3, atol=1e-3)
+    # logits of order 1e3: float32 rounding of the scores (relative 6e-8 of ~900) sets the
+    # error of the probabilities, ~1e-4; v is scaled by 30 too, so compare relative to 30
+    torch.testing.assert_close(out.double() / 30, exp / 30, rtol=1e-3, atol=1e-3)
 
 
 def test_strided_inputs():
