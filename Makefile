@@ -44,7 +44,7 @@ $(BUILD_STAMP): $(DEPS_STAMP) $(SOURCES)
 GPU_SITE := build/gpu-site
 gpu-check:
 	MAX_JOBS=$(JOBS) SEQKERNELS_CUDA=1 $(PYTHON) -m pip install -q --no-build-isolation --no-deps --no-index --upgrade --target $(GPU_SITE) .
-	cd $(GPU_SITE) && $(PYTHON) -m seqkernels
+	PYTHONPATH=$(CURDIR)/$(GPU_SITE) $(PYTHON) -m seqkernels
 	PYTHONPATH=$(CURDIR)/$(GPU_SITE) $(PYTHON) -m pytest tests -m gpu -q -rs -p no:cacheprovider
 
 clean:
