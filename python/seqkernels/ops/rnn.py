@@ -65,6 +65,9 @@ def _lstm_setup(ctx, inputs, output):
     x, h0, c0, w_ih, w_hh, bias, w_hr, lengths, reverse = inputs
     y, hn, cn, gates, hs, cs, rs = output
     ctx.mark_non_differentiable(gates, hs, cs, rs)
+    # Unused outputs get None, not a zero-filled tensor: the workspace outputs are large
+    # (gates alone is T*B*4H) and autograd would fill them with zeros on every backward.
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(x, h0, c0, w_ih, w_hh, w_hr, lengths, gates, y, hs, cs, rs)
     ctx.reverse, ctx.has_bias = reverse, bias is not None
 
@@ -82,6 +85,7 @@ def _rnn_setup(ctx, inputs, output):
     x, h0, w_ih, w_hh, bias, lengths, reverse, relu = inputs
     y, hn, hs = output
     ctx.mark_non_differentiable(hs)
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(x, h0, w_ih, w_hh, lengths, y, hs)
     ctx.reverse, ctx.relu, ctx.has_bias = reverse, relu, bias is not None
 
