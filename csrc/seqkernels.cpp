@@ -39,9 +39,10 @@ TORCH_LIBRARY(seqkernels, m) {
   // and give a zero output. The forward's extra outputs are what the backward needs:
   // gates (T, B, 4H) activated, hs (T, B, P) the states (empty without lengths: they are
   // y then), cs (T, B, H) the cell states, rs (T, B, H) o * tanh(c) (empty without w_hr).
+  // workspace=False (inference): gates, cs and rs come back empty and there is no backward.
   m.def(
       "lstm_layer_forward(Tensor x, Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, Tensor? bias, "
-      "Tensor? w_hr, Tensor? lengths, bool reverse) "
+      "Tensor? w_hr, Tensor? lengths, bool reverse, bool workspace=True) "
       "-> (Tensor y, Tensor h_n, Tensor c_n, Tensor gates, Tensor hs, Tensor cs, Tensor rs)");
   m.def(
       "lstm_layer_backward(Tensor grad_y, Tensor grad_h_n, Tensor grad_c_n, Tensor x, Tensor h0, "

@@ -82,23 +82,26 @@ inline void check_layer_args(const at::Tensor& x, const at::Tensor& h0, const at
 
 // --- LSTM ------------------------------------------------------------------------------------
 
-template <class BK, typename scalar_t>
+// z_at(t): the step's pre-activations (x_t W_ih^T in, activated gates out); c_at(t): the
+// cell state after step t; r_at(t): o * tanh(c) of step t (LSTMP). With a workspace these
+// index (T, ...) buffers that the backward keeps; without, chunked and rolling buffers.
+template <class BK, typename scalar_t, class ZAt, class CAt, class RAt>
 void lstm_forward_loop(BK& bk, const Layer& L, const scalar_t* h0, const scalar_t* c0,
                        const scalar_t* w_hh, const scalar_t* bias, const scalar_t* w_hr,
-                       scalar_t* gates, scalar_t* zh, scalar_t* y, scalar_t* hs, scalar_t* cs, scalar_t* rs) {
+                       ZAt&& z_at, CAt&& c_at, RAt&& r_at, scalar_t* zh, scalar_t* y, scalar_t* hs) {
   const int64_t GH = 4 * L.H;
   for (int64_t s = 0; s < L.T; ++s) {
     const int64_t t = L.step_time(s);
     const scalar_t* h_prev = L.first(t) ? h0 : hs + L.prev_time(t) * L.B * L.P;
-    const scalar_t* c_prev = L.first(t) ? c0 : cs + L.prev_time(t) * L.B * L.H;
-    scalar_t* z = gates + t * L.B * GH;
+    const scalar_t* c_prev = L.first(t) ? c0 : c_at(L.prev_time(t));
+    scalar_t* z = z_at(t);
     scalar_t* h_t = hs + t * L.B * L.P;
     const scalar_t* zh_t = bk.template matmul_nt<scalar_t>(L.B, GH, L.P, h_prev, w_hh, zh);
     if (w_hr == nullptr) {
-      bk.template lstm_pointwise_forward<scalar_t>(L, t, z, zh_t, bias, c_prev, h_prev, cs + t * L.B * L.H, h_t);
+      bk.template lstm_pointwise_forward<scalar_t>(L, t, z, zh_t, bias, c_prev, h_prev, c_at(t), h_t);
     } else {
-      scalar_t* r_t = rs + t * L.B * L.H;
-      bk.template lstm_pointwise_forward<scalar_t>(L, t, z, zh_t, bias, c_prev, nullptr, cs + t * L.B * L.H, r_t);
+      scalar_t* r_t = r_at(t);
+      bk.template lstm_pointwise_forward<scalar_t>(L, t, z, zh_t, bias, c_prev, nullptr, c_at(t), r_t);
       bk.template gemm<scalar_t>(Tr::N, Tr::T, L.B, L.P, L.H, 1, r_t, L.H, w_hr, L.H, 0, h_t, L.P);
       if (L.lengths) bk.template keep_state<scalar_t>(L, t, h_t, h_prev, L.P);
     }
@@ -181,12 +184,17 @@ inline at::Tensor previous_states(const Layer& L, const at::Tensor& h0, const at
 // A backend object lives for one op call, so it may cache (for example weights packed
 // for its GEMM) across the time steps of that call.
 
+// Inference (workspace = false): nothing is kept for a backward. The input projection is
+// computed a chunk of steps at a time (about 4 MiB: reused from the heap instead of a
+// fresh T*B*4H buffer that the kernel has to fault in on every call), and the cell state
+// lives in two rolling buffers.
+constexpr int64_t kChunkBytes = 4 << 20;
+
 template <class BK>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_forward(const at::Tensor& x_, const at::Tensor& h0_, const at::Tensor& c0_,
-                                           const at::Tensor& w_ih_, const at::Tensor& w_hh_,
-                                           const std::optional<at::Tensor>& bias,
-                                           const std::optional<at::Tensor>& w_hr,
-                                           const std::optional<at::Tensor>& lengths, bool reverse) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_forward(
+    const at::Tensor& x_, const at::Tensor& h0_, const at::Tensor& c0_, const at::Tensor& w_ih_,
+    const at::Tensor& w_hh_, const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& w_hr,
+    const std::optional<at::Tensor>& lengths, bool reverse, bool workspace) {
   check_layer_args(x_, h0_, w_ih_, w_hh_, 4, lengths);
   const at::Tensor x = x_.contiguous(), h0 = h0_.contiguous(), c0 = c0_.contiguous();
   const at::Tensor w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
@@ -196,33 +204,53 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   TORCH_CHECK(c0.sizes() == at::IntArrayRef({L.B, L.H}), "lstm layer: c0 must be (B, H)");
   TORCH_CHECK(!proj || (whr.size(0) == L.P && whr.size(1) == L.H), "lstm layer: w_hr must be (P, H)");
   const auto opt = x.options();
+  const int64_t GH = 4 * L.H;
   BK bk;
-  // The input term of every step at once: one (T*B, I) x (I, 4H) product.
-  at::Tensor gates = bk.input_projection(x.view({L.T * L.B, L.I}), w_ih).view({L.T, L.B, 4 * L.H});
   const bool has_bias = bias.has_value() && bias->defined();
   const at::Tensor b = has_bias ? bias->contiguous() : at::Tensor();
-  TORCH_CHECK(!has_bias || b.numel() == 4 * L.H, "lstm layer: bias must have 4H elements");
+  TORCH_CHECK(!has_bias || b.numel() == GH, "lstm layer: bias must have 4H elements");
   at::Tensor y = new_output({L.T, L.B, L.P}, opt);
   at::Tensor hs = L.lengths ? at::empty({L.T, L.B, L.P}, opt) : at::empty({0}, opt);
-  at::Tensor cs = at::empty({L.T, L.B, L.H}, opt);
-  at::Tensor rs = proj ? at::empty({L.T, L.B, L.H}, opt) : at::empty({0}, opt);
-  at::Tensor zh = at::empty({L.B, 4 * L.H}, opt);
+  at::Tensor zh = at::empty({L.B, GH}, opt);
+  // With a workspace: the input term of every step at once, one (T*B, I) x (I, 4H) product.
+  at::Tensor gates = workspace ? bk.input_projection(x.view({L.T * L.B, L.I}), w_ih).view({L.T, L.B, GH})
+                               : at::empty({0}, opt);
+  at::Tensor cs = at::empty({workspace ? L.T : 2, L.B, L.H}, opt);
+  at::Tensor rs = proj ? at::empty({workspace ? L.T : 1, L.B, L.H}, opt) : at::empty({0}, opt);
+  const int64_t chunk = std::max<int64_t>(1, kChunkBytes / std::max<int64_t>(1, L.B * GH * x.element_size()));
+  at::Tensor z_chunk;
+  int64_t z_lo = 0, z_hi = 0;  // z_chunk holds steps [z_lo, z_hi)
   BK::dispatch(x.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
+    auto z_at = [&](int64_t t) -> scalar_t* {
+      if (workspace) return gates.mutable_data_ptr<scalar_t>() + t * L.B * GH;
+      if (t < z_lo || t >= z_hi) {  // the chunk of steps that follow t in processing order
+        z_lo = reverse ? std::max<int64_t>(0, t - chunk + 1) : t;
+        z_hi = reverse ? t + 1 : std::min(L.T, t + chunk);
+        z_chunk = bk.input_projection(x.narrow(0, z_lo, z_hi - z_lo).reshape({(z_hi - z_lo) * L.B, L.I}), w_ih);
+      }
+      return z_chunk.mutable_data_ptr<scalar_t>() + (t - z_lo) * L.B * GH;
+    };
+    auto c_at = [&](int64_t t) -> scalar_t* {
+      return cs.mutable_data_ptr<scalar_t>() + (workspace ? t : t % 2) * L.B * L.H;
+    };
+    auto r_at = [&](int64_t t) -> scalar_t* {
+      return proj ? rs.mutable_data_ptr<scalar_t>() + (workspace ? t : 0) * L.B * L.H : nullptr;
+    };
     lstm_forward_loop<BK, scalar_t>(bk, L, h0.const_data_ptr<scalar_t>(), c0.const_data_ptr<scalar_t>(),
                                     w_hh.const_data_ptr<scalar_t>(), has_bias ? b.const_data_ptr<scalar_t>() : nullptr,
-                                    proj ? whr.const_data_ptr<scalar_t>() : nullptr,
-                                    gates.mutable_data_ptr<scalar_t>(), zh.mutable_data_ptr<scalar_t>(),
-                                    y.mutable_data_ptr<scalar_t>(),
-                                    (L.lengths ? hs : y).mutable_data_ptr<scalar_t>(),
-                                    cs.mutable_data_ptr<scalar_t>(),
-                                    proj ? rs.mutable_data_ptr<scalar_t>() : nullptr);
+                                    proj ? whr.const_data_ptr<scalar_t>() : nullptr, z_at, c_at, r_at,
+                                    zh.mutable_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(),
+                                    (L.lengths ? hs : y).mutable_data_ptr<scalar_t>());
   });
   const int64_t last = reverse ? 0 : L.T - 1;
   const at::Tensor& states = L.lengths ? hs : y;
   at::Tensor hn = new_output({L.B, L.P}, opt), cn = new_output({L.B, L.H}, opt);
   hn.copy_(states[last]);
-  cn.copy_(cs[last]);
+  cn.copy_(cs[workspace ? last : last % 2]);
+  if (!workspace) {
+    return {y, hn, cn, gates, hs, at::empty({0}, opt), at::empty({0}, opt)};
+  }
   return {y, hn, cn, gates, hs, cs, rs};
 }
 

@@ -270,3 +270,32 @@ def test_gpu_matches_reference(dtype, kind):
         ge = torch.autograd.grad(e, [xr, *[t for ww in w64 for t in ww if t is not None]], g.cpu())
         for a, b in zip(ga, ge):
             testing.assert_close(a, b)
+
+
+# --- inference path (workspace=False) ----------------------------------------------------------
+
+@pytest.mark.parametrize("bidir,proj,lengths", [(False, 0, None), (True, 0, [9, 3, 1]), (True, 4, [2, 9, 9])])
+def test_inference_path_matches_training_path(bidir, proj, lengths):
+    m, w = _weights("lstm", 5, 11, 2, bidir, proj, dtype=torch.float32)
+    x = torch.randn(9, 3, 5)
+    lens = None if lengths is None else torch.tensor(lengths)
+    kw = dict(num_layers=2, bidirectional=bidir, lengths=lens)
+    with torch.no_grad():
+        out_i, (h_i, c_i) = seqkernels.lstm(x, w, **kw)  # no workspace kept
+    out_t, (h_t, c_t) = seqkernels.lstm(x.requires_grad_(), w, **kw)
+    for a, b in ((out_i, out_t), (h_i, h_t), (c_i, c_t)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_inference_op_keeps_no_workspace_and_refuses_backward():
+    args = list(_layer_args(3, True))
+    y, hn, cn, gates, hs, cs, rs = OPS.lstm_layer_forward(*args, True)
+    yi, hni, cni, gates_i, _, cs_i, rs_i = OPS.lstm_layer_forward(*args, False)
+    assert gates_i.numel() == cs_i.numel() == rs_i.numel() == 0
+    torch.testing.assert_close(yi, y, rtol=0, atol=0)
+    torch.testing.assert_close(cni, cn, rtol=0, atol=0)
+    torch.library.opcheck(OPS.lstm_layer_forward, tuple(args) + (False,), test_utils=("test_schema", "test_faketensor"))
+    args[0] = args[0].clone().requires_grad_()
+    out = OPS.lstm_layer_forward(*args, False)[0]
+    with pytest.raises(RuntimeError, match="workspace=False"):
+        out.sum().backward()

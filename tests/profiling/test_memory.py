@@ -38,3 +38,13 @@ def test_flash_attention_memory_is_linear_and_reference_quadratic():
 def test_failure_is_reported_not_raised():
     r = measure_peak_memory("no-such-case", {})
     assert not r.ok and "no-such-case" in r.error
+
+
+def test_lstm_inference_keeps_no_workspace():
+    """Under no_grad the LSTM keeps neither gates (T*B*4H) nor cell states: the peak stays
+    within a few outputs' worth (the gates alone would be 4 outputs)."""
+    p = dict(T=100, B=64, I=512, H=512, backward=False)
+    y_bytes = 100 * 64 * 512 * 4
+    r = measure_peak_memory("lstm.seqkernels", p)
+    assert r.ok, r.error
+    assert r.peak_bytes < 3 * y_bytes, (r.peak_bytes, y_bytes)

@@ -26,11 +26,13 @@ def _empty(like: Tensor) -> Tensor:
 # --- fake kernels --------------------------------------------------------------------------
 
 @torch.library.register_fake("seqkernels::lstm_layer_forward")
-def _lstm_fwd_fake(x, h0, c0, w_ih, w_hh, bias, w_hr, lengths, reverse):
+def _lstm_fwd_fake(x, h0, c0, w_ih, w_hh, bias, w_hr, lengths, reverse, workspace=True):
     T, B, _ = x.shape
     H, P = w_hh.shape[0] // 4, w_hh.shape[1]
     y = x.new_empty(T, B, P)
     hs = x.new_empty(T, B, P) if lengths is not None else _empty(x)
+    if not workspace:
+        return y, x.new_empty(B, P), x.new_empty(B, H), _empty(x), hs, _empty(x), _empty(x)
     rs = x.new_empty(T, B, H) if w_hr is not None else _empty(x)
     return y, x.new_empty(B, P), x.new_empty(B, H), x.new_empty(T, B, 4 * H), hs, x.new_empty(T, B, H), rs
 
@@ -62,7 +64,8 @@ def _zeros_if_none(g, like):
 
 
 def _lstm_setup(ctx, inputs, output):
-    x, h0, c0, w_ih, w_hh, bias, w_hr, lengths, reverse = inputs
+    x, h0, c0, w_ih, w_hh, bias, w_hr, lengths, reverse = inputs[:9]
+    ctx.workspace = inputs[9] if len(inputs) > 9 else True
     y, hn, cn, gates, hs, cs, rs = output
     ctx.mark_non_differentiable(gates, hs, cs, rs)
     # Unused outputs get None, not a zero-filled tensor: the workspace outputs are large
@@ -73,12 +76,15 @@ def _lstm_setup(ctx, inputs, output):
 
 
 def _lstm_backward(ctx, gy, ghn, gcn, *_workspace_grads):
+    if not ctx.workspace:
+        raise RuntimeError("seqkernels::lstm_layer_forward ran with workspace=False (inference): it kept "
+                           "nothing for a backward; call it with workspace=True to differentiate")
     x, h0, c0, w_ih, w_hh, w_hr, lengths, gates, y, hs, cs, rs = ctx.saved_tensors
     dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr = _ops.lstm_layer_backward(
         _zeros_if_none(gy, y), _zeros_if_none(ghn, h0), _zeros_if_none(gcn, c0), x, h0, c0, w_ih, w_hh,
         w_hr, lengths, ctx.reverse, gates, y, hs, cs, rs, ctx.has_bias)
     return (dx, dh0, dc0, dw_ih, dw_hh, db if ctx.has_bias else None, dw_hr if w_hr is not None else None,
-            None, None)
+            None, None, None)
 
 
 def _rnn_setup(ctx, inputs, output):
@@ -176,6 +182,10 @@ def _network(kind, input, hx, weights, num_layers, bidirectional, batch_first, d
             if t is not None:
                 _check_tensor(f"{name} of weights[{k}]", t, x, fn=fn)
     lengths = _check_lengths(lengths, T, B, x.device, fn)
+    # Keep the autograd workspace only when a gradient can flow (inference skips it).
+    workspace = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, *(hx if isinstance(hx, (tuple, list)) else (hx,)),
+                                                    *[p for w in weights for p in w]))
 
     if kind == "lstm":
         if hx is None:
@@ -205,7 +215,7 @@ def _network(kind, input, hx, weights, num_layers, bidirectional, batch_first, d
             if kind == "lstm":
                 w_ih, w_hh, b_ih, b_hh, w_hr = w
                 y, hn, cn, *_ = _ops.lstm_layer_forward(x, h0[k], c0[k], w_ih, w_hh, _bias(b_ih, b_hh), w_hr,
-                                                        lengths, d == 1)
+                                                        lengths, d == 1, workspace)
                 finals_c.append(cn)
             else:
                 w_ih, w_hh, b_ih, b_hh = w
