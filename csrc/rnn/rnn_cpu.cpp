@@ -68,6 +68,11 @@ struct CpuBackend {
     return std::get<2>(packed_.back());
   }
 
+  // A (m x k) times W^T (W n x k), both contiguous float32, through oneDNN with W packed.
+  at::Tensor product_nt(int64_t m, int64_t n, int64_t k, const float* a, const float* w) {
+    return cpu::onednn_linear(at::from_blob(const_cast<float*>(a), {m, k}, at::kFloat), packed(w, n, k, m));
+  }
+
   // Row-major C = alpha op(A) op(B) + beta C. float32 products of the loop's form
   // (C = A W^T, contiguous) go to oneDNN with W packed; the rest (float64) to BLAS.
   template <typename scalar_t>
@@ -76,8 +81,7 @@ struct CpuBackend {
     if constexpr (std::is_same_v<scalar_t, float>) {
       if (ta == Tr::N && tb == Tr::T && alpha == 1.f && beta == 0.f && lda == k && ldb == k && ldc == n &&
           cpu::onednn_available()) {
-        at::Tensor y = cpu::onednn_linear(at::from_blob(const_cast<float*>(a), {m, k}, at::kFloat), packed(b, n, k, m));
-        std::memcpy(c, y.const_data_ptr<float>(), sizeof(float) * m * n);
+        std::memcpy(c, product_nt(m, n, k, a, b).template const_data_ptr<float>(), sizeof(float) * m * n);
         return;
       }
     }
@@ -91,18 +95,19 @@ struct CpuBackend {
   const scalar_t* matmul_nt(int64_t m, int64_t n, int64_t k, const scalar_t* a, const scalar_t* w, scalar_t* out) {
     if constexpr (std::is_same_v<scalar_t, float>) {
       if (cpu::onednn_available()) {
-        last_ = cpu::onednn_linear(at::from_blob(const_cast<float*>(a), {m, k}, at::kFloat), packed(w, n, k, m));
-        return last_.const_data_ptr<float>();
+        last_ = product_nt(m, n, k, a, w);
+        return last_.template const_data_ptr<float>();
       }
     }
     gemm<scalar_t>(Tr::N, Tr::T, m, n, k, 1, a, k, w, k, 0, out, n);
     return out;
   }
 
-  // x (T*B, I) W_ih^T: a new (T*B, G*H) tensor.
+  // x (rows, I) W_ih^T: a new (rows, G*H) tensor. x and w_ih contiguous. W_ih is packed
+  // once per op call (the chunked inference path calls this for every few steps).
   at::Tensor input_projection(const at::Tensor& x, const at::Tensor& w_ih) {
     if (x.scalar_type() == at::kFloat && cpu::onednn_available()) {
-      return cpu::onednn_linear(x, cpu::onednn_pack(w_ih, x.size(0)));
+      return product_nt(x.size(0), w_ih.size(0), w_ih.size(1), x.const_data_ptr<float>(), w_ih.const_data_ptr<float>());
     }
     return at::mm(x, w_ih.t());
   }

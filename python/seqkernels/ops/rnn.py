@@ -182,8 +182,8 @@ def _network(kind, input, hx, weights, num_layers, bidirectional, batch_first, d
             if t is not None:
                 _check_tensor(f"{name} of weights[{k}]", t, x, fn=fn)
     lengths = _check_lengths(lengths, T, B, x.device, fn)
-    # Keep the autograd workspace only when a gradient can flow (inference skips it).
-    workspace = torch.is_grad_enabled() and any(
+    # The LSTM keeps its autograd workspace only when a gradient can flow (inference skips it).
+    workspace = kind == "lstm" and torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, *(hx if isinstance(hx, (tuple, list)) else (hx,)),
                                                     *[p for w in weights for p in w]))
 
