@@ -40,6 +40,43 @@ LN2 = 0.6931471805599453
 
 
 @triton.jit
+def _load_rows(base, rows, n_rows, row_stride, feats, n_feats):
+    """Tile (rows x feats) of a row-major matrix, zero outside [0, n_rows) x [0, n_feats)."""
+    return tl.load(base + rows[:, None] * row_stride + feats[None, :],
+                   mask=(rows[:, None] < n_rows) & (feats[None, :] < n_feats), other=0.0)
+
+
+@triton.jit
+def _load_rows_t(base, rows, n_rows, row_stride, feats, n_feats):
+    """The same tile transposed, (feats x rows): K^T and V^T operands of the dots."""
+    return tl.load(base + rows[None, :] * row_stride + feats[:, None],
+                   mask=(rows[None, :] < n_rows) & (feats[:, None] < n_feats), other=0.0)
+
+
+@triton.jit
+def _causal_key_end(pid_m, Lk, offset, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr):
+    """One past the last key any query of block pid_m can see."""
+    kend = Lk
+    if CAUSAL:
+        kend = tl.minimum(Lk, tl.maximum(0, (pid_m + 1) * BLOCK_M + offset))
+    return kend
+
+
+@triton.jit
+def _query_side(Q, DO, LSE, DELTA, q_off, do_off, sqm, sdm, bh, rows, Lq, offs_d, D, offs_dv, DV):
+    """q, dO, the LSE in base 2 and delta of one query block, as both backward kernels use them.
+
+    A row that sees no key has LSE -inf; +inf in its place makes exp2(s - lse) zero there.
+    """
+    q = _load_rows(Q + q_off, rows, Lq, sqm, offs_d, D)
+    do = _load_rows(DO + do_off, rows, Lq, sdm, offs_dv, DV)
+    lse = tl.load(LSE + bh * Lq + rows, mask=rows < Lq, other=float("-inf"))
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    delta = tl.load(DELTA + bh * Lq + rows, mask=rows < Lq, other=0.0)
+    return q, do, lse2, delta
+
+
+@triton.jit
 def _attn_fwd(Q, K, V, O, LSE,
               sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
               H, G, Lq, Lk, D, DV, offset, qk_scale,
@@ -54,21 +91,17 @@ def _attn_fwd(Q, K, V, O, LSE,
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q_ptrs = Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=(offs_m[:, None] < Lq) & (offs_d[None, :] < D), other=0.0)
+    q = _load_rows(Q + b * sqb + h * sqh, offs_m, Lq, sqm, offs_d, D)
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    kend = Lk
-    if CAUSAL:
-        kend = tl.minimum(Lk, tl.maximum(0, (pid_m + 1) * BLOCK_M + offset))
+    kend = _causal_key_end(pid_m, Lk, offset, CAUSAL, BLOCK_M)
     for start_n in range(0, kend, BLOCK_N):
         cols = start_n + offs_n
-        k = tl.load(k_base + cols[None, :] * skn + offs_d[:, None],
-                    mask=(cols[None, :] < Lk) & (offs_d[:, None] < D), other=0.0)  # (BLOCK_D, BLOCK_N)
+        k = _load_rows_t(k_base, cols, Lk, skn, offs_d, D)  # (BLOCK_D, BLOCK_N)
         if F32:
             s = tl.dot(q, k, input_precision="tf32x3")
         else:
@@ -83,8 +116,7 @@ def _attn_fwd(Q, K, V, O, LSE,
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + cols[:, None] * svn + offs_dv[None, :],
-                    mask=(cols[:, None] < Lk) & (offs_dv[None, :] < DV), other=0.0)
+        v = _load_rows(v_base, cols, Lk, svn, offs_dv, DV)
         acc = acc * alpha[:, None]
         if F32:
             acc += tl.dot(p.to(v.dtype), v, input_precision="tf32x3")
@@ -108,9 +140,8 @@ def _attn_bwd_preprocess(O, DO, DLSE, DELTA, sob, soh, som, sdb, sdh, sdm, H, Lq
     h = bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_dv = tl.arange(0, BLOCK_DV)
-    mask = (offs_m[:, None] < Lq) & (offs_dv[None, :] < DV)
-    o = tl.load(O + b * sob + h * soh + offs_m[:, None] * som + offs_dv[None, :], mask=mask, other=0.0)
-    do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdm + offs_dv[None, :], mask=mask, other=0.0)
+    o = _load_rows(O + b * sob + h * soh, offs_m, Lq, som, offs_dv, DV)
+    do = _load_rows(DO + b * sdb + h * sdh, offs_m, Lq, sdm, offs_dv, DV)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     if HAS_DLSE:
         delta -= tl.load(DLSE + bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
@@ -153,10 +184,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV_,
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     offs_mb = tl.arange(0, BLOCK_M)
-    k = tl.load(K + b * skb + hk * skh + cols[None, :] * skn + offs_d[:, None],
-                mask=(cols[None, :] < Lk) & (offs_d[:, None] < D), other=0.0)          # (BLOCK_D, BLOCK_N)
-    v = tl.load(V + b * svb + hk * svh + cols[None, :] * svn + offs_dv[:, None],
-                mask=(cols[None, :] < Lk) & (offs_dv[:, None] < DV), other=0.0)       # (BLOCK_DV, BLOCK_N)
+    k = _load_rows_t(K + b * skb + hk * skh, cols, Lk, skn, offs_d, D)        # (BLOCK_D, BLOCK_N)
+    v = _load_rows_t(V + b * svb + hk * svh, cols, Lk, svn, offs_dv, DV)      # (BLOCK_DV, BLOCK_N)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     start_m = 0
@@ -167,14 +196,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV_,
         bh = b * H + h
         for m0 in range(start_m, Lq, BLOCK_M):
             rows = m0 + offs_mb
-            q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqm + offs_d[None, :],
-                        mask=(rows[:, None] < Lq) & (offs_d[None, :] < D), other=0.0)
-            do = tl.load(DO + b * sdb + h * sdh + rows[:, None] * sdm + offs_dv[None, :],
-                         mask=(rows[:, None] < Lq) & (offs_dv[None, :] < DV), other=0.0)
-            lse = tl.load(LSE + bh * Lq + rows, mask=rows < Lq, other=float("-inf"))
-            # a row that sees no key: LSE -inf; +inf makes exp2(s - lse) zero for it
-            lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-            delta = tl.load(DELTA + bh * Lq + rows, mask=rows < Lq, other=0.0)
+            q, do, lse2, delta = _query_side(Q, DO, LSE, DELTA, b * sqb + h * sqh, b * sdb + h * sdh, sqm, sdm,
+                                             bh, rows, Lq, offs_d, D, offs_dv, DV)
             p, ds = _probs_and_dscores(q, k, v, do, lse2, delta, rows, cols, Lk, offset, qk_scale, CAUSAL, F32)
             if F32:
                 dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision="tf32x3")
@@ -204,25 +227,16 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqm + offs_d[None, :],
-                mask=(rows[:, None] < Lq) & (offs_d[None, :] < D), other=0.0)
-    do = tl.load(DO + b * sdb + h * sdh + rows[:, None] * sdm + offs_dv[None, :],
-                 mask=(rows[:, None] < Lq) & (offs_dv[None, :] < DV), other=0.0)
-    lse = tl.load(LSE + bh * Lq + rows, mask=rows < Lq, other=float("-inf"))
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-    delta = tl.load(DELTA + bh * Lq + rows, mask=rows < Lq, other=0.0)
+    q, do, lse2, delta = _query_side(Q, DO, LSE, DELTA, b * sqb + h * sqh, b * sdb + h * sdh, sqm, sdm,
+                                     bh, rows, Lq, offs_d, D, offs_dv, DV)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    kend = Lk
-    if CAUSAL:
-        kend = tl.minimum(Lk, tl.maximum(0, (pid_m + 1) * BLOCK_M + offset))
+    kend = _causal_key_end(pid_m, Lk, offset, CAUSAL, BLOCK_M)
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
     for start_n in range(0, kend, BLOCK_N):
         cols = start_n + offs_n
-        kt = tl.load(k_base + cols[None, :] * skn + offs_d[:, None],
-                     mask=(cols[None, :] < Lk) & (offs_d[:, None] < D), other=0.0)     # (BLOCK_D, BLOCK_N)
-        vt = tl.load(v_base + cols[None, :] * svn + offs_dv[:, None],
-                     mask=(cols[None, :] < Lk) & (offs_dv[:, None] < DV), other=0.0)  # (BLOCK_DV, BLOCK_N)
+        kt = _load_rows_t(k_base, cols, Lk, skn, offs_d, D)     # (BLOCK_D, BLOCK_N)
+        vt = _load_rows_t(v_base, cols, Lk, svn, offs_dv, DV)   # (BLOCK_DV, BLOCK_N)
         p, ds = _probs_and_dscores(q, kt, vt, do, lse2, delta, rows, cols, Lk, offset, qk_scale, CAUSAL, F32)
         if F32:
             dq += tl.dot(ds.to(q.dtype), tl.trans(kt), input_precision="tf32x3")
