@@ -26,12 +26,19 @@ TORCH_LIBRARY(seqkernels, m) {
   // v: (B, Hk, Lk, Dv). causal: bottom-right alignment when bottom_right, else top-left.
   // Returns the output (B, H, Lq, Dv) and the log-sum-exp of each row (B, H, Lq), in fp32
   // (fp64 for fp64 inputs). The backward takes the gradient of the LSE too (None = zero).
+  // Optional: attn_mask, 4-D with each dim 1 (broadcast) or full, bool (True = take part)
+  // or of q's dtype (added to the scaled scores); key_lengths (B,) int64, keys at or past
+  // a batch's length are masked; dropout_p with rng_state = int64 [seed, offset] (on the
+  // CPU for the CPU kernel, on q's device otherwise): the dropout mask is a function of
+  // them (csrc/attention/masking.h), so the backward must get the same values.
   m.def(
       "flash_attention_forward(Tensor q, Tensor k, Tensor v, bool causal, bool bottom_right, "
-      "float scale) -> (Tensor, Tensor)");
+      "float scale, Tensor? attn_mask=None, Tensor? key_lengths=None, float dropout_p=0., "
+      "Tensor? rng_state=None) -> (Tensor, Tensor)");
   m.def(
       "flash_attention_backward(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, "
-      "Tensor out, Tensor lse, bool causal, bool bottom_right, float scale) -> (Tensor, Tensor, Tensor)");
+      "Tensor out, Tensor lse, bool causal, bool bottom_right, float scale, Tensor? attn_mask=None, "
+      "Tensor? key_lengths=None, float dropout_p=0., Tensor? rng_state=None) -> (Tensor, Tensor, Tensor)");
 
   // Recurrent layers (csrc/rnn/): one direction of one layer over a whole sequence.
   // x (T, B, I), h0 (B, P), c0 (B, H), w_ih (G*H, I), w_hh (G*H, P), bias = b_ih + b_hh

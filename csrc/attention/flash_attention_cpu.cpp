@@ -7,7 +7,10 @@
 // Layout: q (B, H, Lq, D), k (B, Hk, Lk, D), v (B, Hk, Lk, Dv), contiguous; Hk divides H
 // (grouped-query heads: query head h reads k/v head h / (H / Hk)). Causal masking lets
 // query i see key j when j <= i + offset, with offset = Lk - Lq (bottom-right) or 0
-// (top-left). A row that sees no key gets output 0 and LSE -inf.
+// (top-left). A row that sees no key gets output 0 and LSE -inf. Optional: per-batch key
+// lengths, an attention mask (boolean or additive, any broadcast, read through strides)
+// and dropout on the probabilities (Philox, regenerated in the backward); see masking.h.
+// Tiles that the causal mask, the key lengths or a boolean mask hide entirely are skipped.
 //
 // Tile sizes (measured on a 2-core AMD EPYC with AVX-512, 1 MiB L2 per core; see
 // bench/results/). One thread works on a block of kFwdQ = 256 query rows against kv
@@ -28,6 +31,7 @@
 
 #include "../common.h"
 #include "../cpu_utils.h"
+#include "masking.h"
 
 namespace seqkernels {
 namespace {
@@ -51,16 +55,10 @@ inline int64_t fwd_kv_tile(int64_t d) {
 }
 
 struct Dims {
-  int64_t B, H, Hk, G, Lq, Lk, D, Dv, offset;
-  bool causal;
-  // Index one past the last key visible to query row i (0 when it sees none).
-  int64_t key_end(int64_t i) const {
-    return causal ? std::clamp<int64_t>(i + offset + 1, 0, Lk) : Lk;
-  }
+  int64_t B, H, Hk, G, Lq, Lk, D, Dv;
 };
 
-Dims make_dims(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal,
-               bool bottom_right) {
+Dims make_dims(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   Dims d;
   d.B = q.size(0);
   d.H = q.size(1);
@@ -70,9 +68,75 @@ Dims make_dims(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bo
   d.Lk = k.size(2);
   d.D = q.size(3);
   d.Dv = v.size(3);
-  d.causal = causal;
-  d.offset = bottom_right ? d.Lk - d.Lq : 0;
   return d;
+}
+
+// The optional inputs of both ops, checked (the Python API checks them first with friendlier
+// messages) and turned into a Masking. The tensors it points into must outlive it.
+struct MaskInputs {
+  at::Tensor mask, key_lengths;
+};
+
+template <typename scalar_t>
+attention::Masking<scalar_t> make_masking(const Dims& d, bool causal, bool bottom_right,
+                                          const MaskInputs& in, double dropout_p,
+                                          const std::optional<at::Tensor>& rng_state) {
+  attention::Masking<scalar_t> m;
+  m.H = d.H;
+  m.Lq = d.Lq;
+  m.Lk = d.Lk;
+  m.causal = causal;
+  m.causal_offset = bottom_right ? d.Lk - d.Lq : 0;
+  if (in.key_lengths.defined()) m.key_lengths = in.key_lengths.const_data_ptr<int64_t>();
+  if (in.mask.defined()) {
+    const at::Tensor& a = in.mask;
+    int64_t st[4];
+    for (int i = 0; i < 4; ++i) st[i] = a.size(i) == 1 ? 0 : a.stride(i);
+    m.sb = st[0], m.sh = st[1], m.si = st[2], m.sj = st[3];
+    if (a.scalar_type() == at::kBool) {
+      m.bool_mask = a.const_data_ptr<bool>();
+    } else {
+      m.add_mask = a.const_data_ptr<scalar_t>();
+    }
+  }
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "flash_attention: dropout_p must be in [0, 1), got ", dropout_p);
+  if (dropout_p > 0.0) {
+    TORCH_CHECK(rng_state.has_value() && rng_state->defined() && rng_state->numel() == 2 &&
+                    rng_state->scalar_type() == at::kLong && rng_state->device().is_cpu(),
+                "flash_attention: dropout needs rng_state, an int64 CPU tensor [seed, offset]");
+    const at::Tensor rs = rng_state->contiguous();
+    m.dropout_p = dropout_p;
+    m.threshold = attention::dropout_threshold(dropout_p);
+    m.seed = static_cast<uint64_t>(rs.const_data_ptr<int64_t>()[0]);
+    m.rng_offset = static_cast<uint64_t>(rs.const_data_ptr<int64_t>()[1]);
+  }
+  return m;
+}
+
+MaskInputs check_mask_inputs(const Dims& d, const at::Tensor& q,
+                             const std::optional<at::Tensor>& attn_mask,
+                             const std::optional<at::Tensor>& key_lengths) {
+  MaskInputs in;
+  if (attn_mask.has_value() && attn_mask->defined()) {
+    const at::Tensor& a = *attn_mask;
+    TORCH_CHECK(a.dim() == 4, "flash_attention: attn_mask must be 4-D, got ", a.dim(), " dims");
+    const int64_t full[4] = {d.B, d.H, d.Lq, d.Lk};
+    for (int i = 0; i < 4; ++i) {
+      TORCH_CHECK(a.size(i) == 1 || a.size(i) == full[i], "flash_attention: attn_mask of shape ",
+                  a.sizes(), " does not broadcast to (B, H, Lq, Lk) = ", at::IntArrayRef(full, 4));
+    }
+    TORCH_CHECK(a.scalar_type() == at::kBool || a.scalar_type() == q.scalar_type(),
+                "flash_attention: attn_mask must be bool or ", q.scalar_type(), ", got ", a.scalar_type());
+    TORCH_CHECK(a.device() == q.device(), "flash_attention: attn_mask must be on ", q.device());
+    in.mask = a;
+  }
+  if (key_lengths.has_value() && key_lengths->defined()) {
+    const at::Tensor& kl = *key_lengths;
+    TORCH_CHECK(kl.dim() == 1 && kl.size(0) == d.B && kl.scalar_type() == at::kLong && kl.device() == q.device(),
+                "flash_attention: key_lengths must be an int64 tensor of shape (B,) = (", d.B, ",) on ", q.device());
+    in.key_lengths = kl.contiguous();
+  }
+  return in;
 }
 
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
@@ -91,8 +155,8 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v)
 }
 
 template <typename scalar_t>
-void forward_kernel(const Dims& d, const scalar_t* q, const scalar_t* k, const scalar_t* v,
-                    scalar_t* out, scalar_t* lse, scalar_t scale) {
+void forward_kernel(const Dims& d, const attention::Masking<scalar_t>& mk, const scalar_t* q,
+                    const scalar_t* k, const scalar_t* v, scalar_t* out, scalar_t* lse, scalar_t scale) {
   const int64_t nqb = (d.Lq + kFwdQ - 1) / kFwdQ;
   const int64_t kFwdK = fwd_kv_tile(d.D);
   constexpr scalar_t kNegInf = -std::numeric_limits<scalar_t>::infinity();
@@ -103,7 +167,7 @@ void forward_kernel(const Dims& d, const scalar_t* q, const scalar_t* k, const s
   // transposed (a Dv x cols copy) and is added into O.
   const bool use_onednn = std::is_same_v<scalar_t, float> && onednn_available();
   at::parallel_for(0, d.B * d.H * nqb, 1, [&](int64_t begin, int64_t end) {
-    std::vector<scalar_t> s_buf(kFwdQ * kFwdK), m(kFwdQ), l(kFwdQ);
+    std::vector<scalar_t> s_buf(kFwdQ * kFwdK), m(kFwdQ), l(kFwdQ), z(mk.has_dropout() ? kFwdK : 0);
     std::vector<scalar_t> q_scaled(use_onednn ? kFwdQ * d.D : 0), v_t(use_onednn ? kFwdK * d.Dv : 0);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t qb = task % nqb, bh = task / nqb;
@@ -120,9 +184,10 @@ void forward_kernel(const Dims& d, const scalar_t* q, const scalar_t* k, const s
       if (use_onednn) {
         for (int64_t e = 0; e < rows * d.D; ++e) q_scaled[e] = Q[e] * scale;
       }
-      const int64_t kend = d.key_end(i0 + rows - 1);  // keys past it are masked for every row
+      const int64_t kend = mk.key_end(b, i0 + rows - 1);  // keys past it are masked for every row
       for (int64_t j0 = 0; j0 < kend; j0 += kFwdK) {
         const int64_t cols = std::min(kFwdK, kend - j0);
+        if (mk.tile_hidden(b, h, i0, rows, j0, cols)) continue;
         scalar_t* S = s_buf.data();
         at::Tensor s_tile;  // oneDNN's result, alive until the PV product is done
         if constexpr (std::is_same_v<scalar_t, float>) {
@@ -137,8 +202,7 @@ void forward_kernel(const Dims& d, const scalar_t* q, const scalar_t* k, const s
         }
         for (int64_t r = 0; r < rows; ++r) {
           scalar_t* srow = S + r * cols;
-          const int64_t visible = d.key_end(i0 + r) - j0;  // columns [visible, cols) are masked
-          if (visible < cols) std::fill(srow + std::max<int64_t>(visible, 0), srow + cols, kNegInf);
+          mk.apply(srow, b, h, i0 + r, j0, cols);
           const scalar_t tile_max = row_max(srow, cols);
           const scalar_t m_new = (m[r] != kNegInf && tile_max <= m[r] + scalar_t(kSlack))
                                      ? m[r]
@@ -151,6 +215,10 @@ void forward_kernel(const Dims& d, const scalar_t* q, const scalar_t* k, const s
           l[r] = l[r] * alpha + exp_sub_sum(srow, cols, m_new);
           if (alpha != scalar_t(1)) scale_row(O + r * d.Dv, d.Dv, alpha);
           m[r] = m_new;
+          if (mk.has_dropout()) {  // the sum above is over all keys; only the output drops
+            mk.dropout_row(z.data(), b, h, i0 + r, j0, cols);
+            for (int64_t j = 0; j < cols; ++j) srow[j] *= z[j];
+          }
         }
         if constexpr (std::is_same_v<scalar_t, float>) {
           if (use_onednn) {
@@ -183,14 +251,18 @@ void forward_kernel(const Dims& d, const scalar_t* q, const scalar_t* k, const s
 
 std::tuple<at::Tensor, at::Tensor> flash_attention_forward_cpu(
     const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, bool causal,
-    bool bottom_right, double scale) {
+    bool bottom_right, double scale, const std::optional<at::Tensor>& attn_mask,
+    const std::optional<at::Tensor>& key_lengths, double dropout_p,
+    const std::optional<at::Tensor>& rng_state) {
   check_inputs(q_, k_, v_);
   const at::Tensor q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous();
-  const Dims d = make_dims(q, k, v, causal, bottom_right);
+  const Dims d = make_dims(q, k, v);
+  const MaskInputs mask_in = check_mask_inputs(d, q, attn_mask, key_lengths);
   at::Tensor out = new_output({d.B, d.H, d.Lq, d.Dv}, q.options());
   at::Tensor lse = new_output({d.B, d.H, d.Lq}, q.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "flash_attention_forward_cpu", [&] {
-    forward_kernel<scalar_t>(d, q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(),
+    const auto mk = make_masking<scalar_t>(d, causal, bottom_right, mask_in, dropout_p, rng_state);
+    forward_kernel<scalar_t>(d, mk, q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(),
                              v.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
                              lse.mutable_data_ptr<scalar_t>(), static_cast<scalar_t>(scale));
   });
@@ -200,13 +272,17 @@ std::tuple<at::Tensor, at::Tensor> flash_attention_forward_cpu(
 // Backward. With P = exp(S - lse) recomputed tile by tile and
 // delta_i = rowsum(dO_i * O_i) - dlse_i:
 //   dV = P^T dO,  dP = dO V^T,  dS = P * (dP - delta),  dK = scale dS^T Q,  dQ = scale dS K.
+// With dropout (multipliers Z, 0 or 1/(1-p), regenerated from the same counters), the
+// output used P * Z: dV = (P * Z)^T dO and dP = (dO V^T) * Z; delta is unchanged, since
+// rowsum(P * dP) = rowsum(dO * O) still.
 // Work is split over (batch, key/value head, key chunk): a task owns the dK/dV rows of its
 // key blocks (summing over the query heads of its group), so no two threads ever write
 // the same dK/dV row. dQ gets one partial per key chunk, summed in chunk order at the
 // end: the result does not depend on scheduling (it is bitwise reproducible for a given
 // thread count, which fixes the number of chunks).
 template <typename scalar_t>
-void backward_kernel(const Dims& d, int64_t nchunks, const scalar_t* q, const scalar_t* k,
+void backward_kernel(const Dims& d, const attention::Masking<scalar_t>& mk, int64_t nchunks,
+                     const scalar_t* q, const scalar_t* k,
                      const scalar_t* v, const scalar_t* dout, const scalar_t* lse,
                      const scalar_t* delta, scalar_t* dq_parts, scalar_t* dk, scalar_t* dv,
                      scalar_t scale) {
@@ -214,6 +290,7 @@ void backward_kernel(const Dims& d, int64_t nchunks, const scalar_t* q, const sc
   constexpr scalar_t kNegInf = -std::numeric_limits<scalar_t>::infinity();
   at::parallel_for(0, d.B * d.Hk * nchunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<scalar_t> p_buf(kBwdQ * kBwdK), dp_buf(kBwdQ * kBwdK);
+    std::vector<scalar_t> z_buf(mk.has_dropout() ? kBwdQ * kBwdK : 0);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t chunk = task % nchunks, bhk = task / nchunks;
       const int64_t b = bhk / d.Hk, hk = bhk % d.Hk;
@@ -228,12 +305,13 @@ void backward_kernel(const Dims& d, int64_t nchunks, const scalar_t* q, const sc
         scalar_t* dV = dv + (bhk * d.Lk + j0) * d.Dv;
         std::fill(dK, dK + cols * d.D, scalar_t(0));
         std::fill(dV, dV + cols * d.Dv, scalar_t(0));
-        // The first query that sees key j0 under the causal mask: i + offset >= j0.
-        const int64_t qstart = d.causal ? std::clamp<int64_t>(j0 - d.offset, 0, d.Lq) : 0;
+        if (j0 >= mk.key_limit(b)) continue;  // padding keys: zero gradients, no work
+        const int64_t qstart = mk.first_query(j0);
         for (int64_t h = hk * d.G; h < (hk + 1) * d.G; ++h) {
           const int64_t bh = b * d.H + h;
           for (int64_t i0 = qstart; i0 < d.Lq; i0 += kBwdQ) {
             const int64_t rows = std::min(kBwdQ, d.Lq - i0);
+            if (mk.tile_hidden(b, h, i0, rows, j0, cols)) continue;
             const scalar_t* Q = q + (bh * d.Lq + i0) * d.D;
             const scalar_t* dO = dout + (bh * d.Lq + i0) * d.Dv;
             const scalar_t* LSE = lse + bh * d.Lq + i0;
@@ -243,21 +321,33 @@ void backward_kernel(const Dims& d, int64_t nchunks, const scalar_t* q, const sc
             gemm_rm<scalar_t>(N, T, rows, cols, d.D, scale, Q, d.D, K, d.D, 0, P, cols);
             for (int64_t r = 0; r < rows; ++r) {
               scalar_t* prow = P + r * cols;
-              const int64_t visible = d.key_end(i0 + r) - j0;
-              if (LSE[r] == kNegInf || visible <= 0) {
+              if (LSE[r] == kNegInf) {
                 std::fill(prow, prow + cols, scalar_t(0));
                 continue;
               }
-              if (visible < cols) std::fill(prow + visible, prow + cols, kNegInf);
+              mk.apply(prow, b, h, i0 + r, j0, cols);
               exp_sub_sum(prow, cols, LSE[r]);
             }
-            gemm_rm<scalar_t>(T, N, cols, d.Dv, rows, 1, P, cols, dO, d.Dv, 1, dV, d.Dv);
+            using Vec = at::vec::Vectorized<scalar_t>;
+            scalar_t* Z = z_buf.data();
+            if (mk.has_dropout()) {  // dS holds P * Z for the dV product, then dO V^T
+              for (int64_t r = 0; r < rows; ++r) mk.dropout_row(Z + r * cols, b, h, i0 + r, j0, cols);
+              at::vec::map2([](Vec p, Vec z) { return p * z; }, dS, P, Z, rows * cols);
+              gemm_rm<scalar_t>(T, N, cols, d.Dv, rows, 1, dS, cols, dO, d.Dv, 1, dV, d.Dv);
+            } else {
+              gemm_rm<scalar_t>(T, N, cols, d.Dv, rows, 1, P, cols, dO, d.Dv, 1, dV, d.Dv);
+            }
             gemm_rm<scalar_t>(N, T, rows, cols, d.Dv, 1, dO, d.Dv, V, d.Dv, 0, dS, cols);
             for (int64_t r = 0; r < rows; ++r) {
-              using Vec = at::vec::Vectorized<scalar_t>;
               const Vec dl(DELTA[r]);
-              at::vec::map2([dl](Vec p, Vec dp) { return p * (dp - dl); }, dS + r * cols,
-                            P + r * cols, dS + r * cols, cols);
+              scalar_t* dsrow = dS + r * cols;
+              if (mk.has_dropout()) {
+                at::vec::map3([dl](Vec p, Vec dp, Vec z) { return p * (dp * z - dl); }, dsrow,
+                              P + r * cols, dsrow, Z + r * cols, cols);
+              } else {
+                at::vec::map2([dl](Vec p, Vec dp) { return p * (dp - dl); }, dsrow, P + r * cols,
+                              dsrow, cols);
+              }
             }
             gemm_rm<scalar_t>(T, N, cols, d.D, rows, scale, dS, cols, Q, d.D, 1, dK, d.D);
             gemm_rm<scalar_t>(N, N, rows, d.D, cols, scale, dS, cols, K, d.D, 1,
@@ -272,12 +362,15 @@ void backward_kernel(const Dims& d, int64_t nchunks, const scalar_t* q, const sc
 std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_backward_cpu(
     const at::Tensor& grad_out_, const std::optional<at::Tensor>& grad_lse,
     const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, const at::Tensor& out_,
-    const at::Tensor& lse_, bool causal, bool bottom_right, double scale) {
+    const at::Tensor& lse_, bool causal, bool bottom_right, double scale,
+    const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_lengths,
+    double dropout_p, const std::optional<at::Tensor>& rng_state) {
   check_inputs(q_, k_, v_);
   const at::Tensor q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous();
   const at::Tensor dout = grad_out_.contiguous().to(q.scalar_type());
   const at::Tensor lse = lse_.contiguous().to(q.scalar_type());
-  const Dims d = make_dims(q, k, v, causal, bottom_right);
+  const Dims d = make_dims(q, k, v);
+  const MaskInputs mask_in = check_mask_inputs(d, q, attn_mask, key_lengths);
   TORCH_CHECK(dout.sizes() == out_.sizes() && out_.size(3) == d.Dv && out_.size(2) == d.Lq,
               "flash_attention_backward: grad_out and out must be (B, H, Lq, Dv)");
   TORCH_CHECK(lse.dim() == 3 && lse.size(2) == d.Lq, "flash_attention_backward: lse must be (B, H, Lq)");
@@ -300,7 +393,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_backward_cpu(
   at::Tensor dk = new_output({d.B, d.Hk, d.Lk, d.D}, q.options());
   at::Tensor dv = new_output({d.B, d.Hk, d.Lk, d.Dv}, q.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "flash_attention_backward_cpu", [&] {
-    backward_kernel<scalar_t>(d, nchunks, q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(),
+    const auto mk = make_masking<scalar_t>(d, causal, bottom_right, mask_in, dropout_p, rng_state);
+    backward_kernel<scalar_t>(d, mk, nchunks, q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(),
                               v.const_data_ptr<scalar_t>(), dout.const_data_ptr<scalar_t>(),
                               lse.const_data_ptr<scalar_t>(), delta.const_data_ptr<scalar_t>(),
                               dq_parts.mutable_data_ptr<scalar_t>(), dk.mutable_data_ptr<scalar_t>(),

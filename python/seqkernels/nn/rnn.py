@@ -133,17 +133,3 @@ class RNNCell(torch.nn.RNNCell):
 
 
 _SWAPS = {torch.nn.LSTM: LSTM, torch.nn.RNN: RNN, torch.nn.LSTMCell: LSTMCell, torch.nn.RNNCell: RNNCell}
-
-
-def convert(model: torch.nn.Module) -> torch.nn.Module:
-    """Make every ``torch.nn`` LSTM, LSTMCell, RNN and RNNCell in ``model`` run on seqkernels, in place.
-
-    The modules keep their parameters (the same tensors, so an optimizer built before the
-    call still updates them): only their class changes to the seqkernels one, which adds
-    no state. Subclasses of the torch modules are left alone. Returns ``model``.
-    """
-    for m in model.modules():
-        new = _SWAPS.get(type(m))
-        if new is not None:
-            m.__class__ = new
-    return model

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from .. import _C  # noqa: F401  (registers the schemas and the CPU kernels)
 from ..reference.attention import flash_attention as _reference_flash_attention
+from ..reference.philox import dropout_keep_mask
 
 _fwd = torch.ops.seqkernels.flash_attention_forward
 _bwd = torch.ops.seqkernels.flash_attention_backward
@@ -31,7 +32,8 @@ def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
 # --- fake kernels: shapes and dtypes only, for torch.compile and meta tensors ---------------
 
 @torch.library.register_fake("seqkernels::flash_attention_forward")
-def _fwd_fake(q, k, v, causal, bottom_right, scale):
+def _fwd_fake(q, k, v, causal, bottom_right, scale, attn_mask=None, key_lengths=None, dropout_p=0.0,
+              rng_state=None):
     B, H, Lq, _ = q.shape
     out = q.new_empty(B, H, Lq, v.shape[-1])
     lse = q.new_empty(B, H, Lq, dtype=_lse_dtype(q.dtype))
@@ -39,37 +41,45 @@ def _fwd_fake(q, k, v, causal, bottom_right, scale):
 
 
 @torch.library.register_fake("seqkernels::flash_attention_backward")
-def _bwd_fake(grad_out, grad_lse, q, k, v, out, lse, causal, bottom_right, scale):
+def _bwd_fake(grad_out, grad_lse, q, k, v, out, lse, causal, bottom_right, scale, attn_mask=None,
+              key_lengths=None, dropout_p=0.0, rng_state=None):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 # --- autograd --------------------------------------------------------------------------------
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, causal, bottom_right, scale = inputs
+    q, k, v, causal, bottom_right, scale, attn_mask, key_lengths, dropout_p, rng_state = inputs
+    if attn_mask is not None and attn_mask.requires_grad:
+        raise RuntimeError(
+            "seqkernels::flash_attention_forward: the fused kernels do not compute a gradient for "
+            "attn_mask; seqkernels.scaled_dot_product_attention computes it (materialized) instead")
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse)
-    ctx.causal, ctx.bottom_right, ctx.scale = causal, bottom_right, scale
+    ctx.save_for_backward(q, k, v, out, lse, attn_mask, key_lengths, rng_state)
+    ctx.causal, ctx.bottom_right, ctx.scale, ctx.dropout_p = causal, bottom_right, scale, dropout_p
 
 
 def _backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse = ctx.saved_tensors
+    q, k, v, out, lse, attn_mask, key_lengths, rng_state = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros_like(out)
-    dq, dk, dv = _bwd(grad_out, grad_lse, q, k, v, out, lse, ctx.causal, ctx.bottom_right, ctx.scale)
-    return dq, dk, dv, None, None, None
+    dq, dk, dv = _bwd(grad_out, grad_lse, q, k, v, out, lse, ctx.causal, ctx.bottom_right, ctx.scale,
+                      attn_mask, key_lengths, ctx.dropout_p, rng_state)
+    return dq, dk, dv, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("seqkernels::flash_attention_forward", _backward, setup_context=_setup_context)
 
 
 # --- CUDA body -------------------------------------------------------------------------------
-# The Triton kernels (kernels/flash_attention.py) for float16 and bfloat16. float32 and
-# float64 on CUDA run the materialized reference math in their dtype (O(Lq * Lk) memory):
-# no float32 Triton config compiles without register spills for every head dim yet (see
-# kernels/aot.py), and float64 on a GPU is for gradcheck, not for speed.
+# The Triton kernels (kernels/flash_attention.py) for float16 and bfloat16 without masks
+# or dropout. Everything else on CUDA runs the materialized math below in the input dtype
+# (O(Lq * Lk) memory): no float32 Triton config compiles without register spills for
+# every head dim yet (see kernels/aot.py), float64 on a GPU is for gradcheck, and the
+# Triton kernels do not read masks, key lengths or dropout yet.
 
 _TRITON_DTYPES = (torch.float16, torch.bfloat16)
+
 
 def _triton():
     from seqkernels.kernels import flash_attention as kernels
@@ -77,21 +87,42 @@ def _triton():
     return kernels
 
 
-@torch.library.impl("seqkernels::flash_attention_forward", "CUDA")
-def _fwd_cuda(q, k, v, causal, bottom_right, scale):
-    if q.dtype in _TRITON_DTYPES:
-        return _triton().forward(q, k, v, causal, bottom_right, scale)
-    out, lse = _reference_flash_attention(q, k, v, causal=causal, scale=scale, bottom_right=bottom_right)
+def _use_triton(q, attn_mask, key_lengths, dropout_p) -> bool:
+    return q.dtype in _TRITON_DTYPES and attn_mask is None and key_lengths is None and dropout_p == 0.0
+
+
+def _keep_mask(q, k, dropout_p, rng_state) -> Optional[Tensor]:
+    if dropout_p == 0.0:
+        return None
+    seed, offset = (int(x) for x in rng_state.tolist())
+    shape = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    return dropout_keep_mask(shape, dropout_p, seed, offset, device=q.device)
+
+
+def _materialized(q, k, v, causal, bottom_right, scale, attn_mask, key_lengths, dropout_p, rng_state):
+    out, lse = _reference_flash_attention(
+        q, k, v, causal=causal, scale=scale, bottom_right=bottom_right, attn_mask=attn_mask,
+        key_lengths=key_lengths, dropout_p=dropout_p, dropout_mask=_keep_mask(q, k, dropout_p, rng_state))
     return out, lse.to(_lse_dtype(q.dtype))
 
 
+@torch.library.impl("seqkernels::flash_attention_forward", "CUDA")
+def _fwd_cuda(q, k, v, causal, bottom_right, scale, attn_mask=None, key_lengths=None, dropout_p=0.0,
+              rng_state=None):
+    if _use_triton(q, attn_mask, key_lengths, dropout_p):
+        return _triton().forward(q, k, v, causal, bottom_right, scale)
+    return _materialized(q, k, v, causal, bottom_right, scale, attn_mask, key_lengths, dropout_p, rng_state)
+
+
 @torch.library.impl("seqkernels::flash_attention_backward", "CUDA")
-def _bwd_cuda(grad_out, grad_lse, q, k, v, out, lse, causal, bottom_right, scale):
-    if q.dtype in _TRITON_DTYPES:
+def _bwd_cuda(grad_out, grad_lse, q, k, v, out, lse, causal, bottom_right, scale, attn_mask=None,
+              key_lengths=None, dropout_p=0.0, rng_state=None):
+    if _use_triton(q, attn_mask, key_lengths, dropout_p):
         return _triton().backward(grad_out, grad_lse, q, k, v, out, lse, causal, bottom_right, scale)
     with torch.enable_grad():
         qw, kw, vw = (t.detach().requires_grad_() for t in (q, k, v))
-        o, l = _reference_flash_attention(qw, kw, vw, causal=causal, scale=scale, bottom_right=bottom_right)
+        o, l = _materialized(qw, kw, vw, causal, bottom_right, scale, attn_mask, key_lengths, dropout_p,
+                             rng_state)
         finite = torch.isfinite(l)
         outs, grads = [o], [grad_out]
         if grad_lse is not None:
@@ -132,6 +163,64 @@ def check_attention_inputs(q: Tensor, k: Tensor, v: Tensor, fn: str = "flash_att
             raise ValueError(f"{fn}: the {name} head dim must be between 1 and {MAX_HEAD_DIM}, got {dim}")
 
 
+def _check_mask_args(q: Tensor, k: Tensor, attn_mask, key_lengths, dropout_p, fn: str) -> None:
+    """Checks of the optional arguments, on the 4-D (B, H, Lq, Lk) problem."""
+    B, H, Lq, Lk = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+    if attn_mask is not None:
+        if not isinstance(attn_mask, Tensor):
+            raise TypeError(f"{fn}: attn_mask must be a torch.Tensor, got {type(attn_mask).__name__}")
+        if attn_mask.dtype != torch.bool and not attn_mask.dtype.is_floating_point:
+            raise TypeError(f"{fn}: attn_mask must be bool or floating point, got {attn_mask.dtype}")
+        if attn_mask.device != q.device:
+            raise ValueError(f"{fn}: attn_mask must be on {q.device}, got {attn_mask.device}")
+        if attn_mask.dim() > 4 or any(
+            a not in (1, f) for a, f in zip(reversed(attn_mask.shape), (Lk, Lq, H, B))
+        ):
+            raise ValueError(f"{fn}: attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to "
+                             f"(batch, heads, Lq, Lk) = {(B, H, Lq, Lk)}")
+    if key_lengths is not None:
+        if not isinstance(key_lengths, Tensor) or key_lengths.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"{fn}: key_lengths must be an int32 or int64 tensor")
+        if key_lengths.shape != (B,):
+            raise ValueError(f"{fn}: key_lengths must have shape (batch,) = ({B},), got {tuple(key_lengths.shape)}")
+        if key_lengths.device != q.device:
+            raise ValueError(f"{fn}: key_lengths must be on {q.device}, got {key_lengths.device}")
+        if not torch.compiler.is_compiling() and bool(((key_lengths < 0) | (key_lengths > Lk)).any()):
+            raise ValueError(f"{fn}: key_lengths must be between 0 and Lk = {Lk}, got {key_lengths.tolist()}")
+    if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"{fn}: dropout_p must be a float in [0, 1], got {dropout_p!r}")
+
+
+def _new_rng_state() -> Tensor:
+    """[seed, offset] for the kernels' Philox dropout: a seed from torch's CPU generator
+    (so torch.manual_seed makes a run reproducible), offset 0."""
+    seed = torch.randint(0, 2**62, (2,), dtype=torch.int64)
+    return seed * torch.tensor([1, 0], dtype=torch.int64)
+
+
+def _attention(q, k, v, causal, bottom_right, scale, attn_mask, key_lengths, dropout_p):
+    """Run the op on checked 4-D inputs; returns (out in q's dtype, lse)."""
+    dtype = q.dtype
+    if attn_mask is not None:
+        if attn_mask.dtype != torch.bool and attn_mask.dtype != dtype:
+            attn_mask = attn_mask.to(dtype)
+        while attn_mask.dim() < 4:
+            attn_mask = attn_mask.unsqueeze(0)
+    if key_lengths is not None:
+        key_lengths = key_lengths.to(torch.int64)
+    if q.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16):
+        q, k, v = q.float(), k.float(), v.float()
+        if attn_mask is not None and attn_mask.dtype != torch.bool:
+            attn_mask = attn_mask.float()
+    drop_all = dropout_p >= 1.0
+    p = 0.0 if drop_all else float(dropout_p)
+    rng_state = _new_rng_state() if p > 0.0 else None
+    out, lse = _fwd(q, k, v, bool(causal), bool(bottom_right), scale, attn_mask, key_lengths, p, rng_state)
+    if drop_all:  # every probability dropped: torch gives zeros (and zero gradients)
+        out = out * 0
+    return out.to(dtype), lse
+
+
 def flash_attention(
     q: Tensor,
     k: Tensor,
@@ -139,8 +228,12 @@ def flash_attention(
     causal: bool = False,
     scale: Optional[float] = None,
     return_lse: bool = False,
+    *,
+    attn_mask: Optional[Tensor] = None,
+    key_lengths: Optional[Tensor] = None,
+    dropout_p: float = 0.0,
 ):
-    """Exact attention softmax(q k^T * scale) v, computed tile by tile in O(n) memory.
+    """Exact attention softmax(q k^T * scale + mask) v, computed tile by tile in O(n) memory.
 
     Args:
         q: (batch, heads, Lq, head_dim).
@@ -154,6 +247,16 @@ def flash_attention(
         scale: softmax scale, default 1/sqrt(head_dim).
         return_lse: also return the log-sum-exp of each row of scaled scores, (batch, heads,
             Lq) in float32 (float64 for float64 inputs), -inf for a row that sees no key.
+        attn_mask: broadcastable to (batch, heads, Lq, Lk): boolean (True = takes part, as in
+            torch) or floating point (added to the scaled scores; no gradient flows to it).
+            Read through its strides, never expanded; on the CPU, tiles that a boolean mask
+            hides entirely are skipped.
+        key_lengths: (batch,) integer tensor: keys j >= key_lengths[b] are padding and cost
+            nothing (whole key tiles past the length are skipped).
+        dropout_p: dropout on the probabilities (the LSE is before dropout). The mask comes
+            from a counter-based generator (Philox) seeded from torch's CPU generator, is
+            regenerated in the backward and never stored; see
+            :func:`seqkernels.reference.dropout_keep_mask`.
 
     Returns:
         out (batch, heads, Lq, head_dim_v), or (out, lse). Differentiable in q, k, v (and
@@ -168,10 +271,98 @@ def flash_attention(
         >>> out = seqkernels.flash_attention(q, k, v, causal=True)   # (2, 8, 128, 64)
     """
     check_attention_inputs(q, k, v)
+    _check_mask_args(q, k, attn_mask, key_lengths, dropout_p, "flash_attention")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    dtype = q.dtype
-    if q.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16):
-        q, k, v = q.float(), k.float(), v.float()
-    out, lse = _fwd(q, k, v, bool(causal), True, scale)
-    out = out.to(dtype)
+    out, lse = _attention(q, k, v, causal, True, scale, attn_mask, key_lengths, dropout_p)
     return (out, lse) if return_lse else out
+
+
+def scaled_dot_product_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Optional[Tensor] = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: Optional[float] = None,
+    enable_gqa: bool = False,
+) -> Tensor:
+    """Drop-in for ``torch.nn.functional.scaled_dot_product_attention`` on the fused kernels.
+
+    Same signature, semantics and results: query (..., L, E), key (..., S, E), value
+    (..., S, Ev) of rank 3 or more with equal leading (batch) dims; ``attn_mask``
+    broadcastable to (..., L, S), boolean (True = takes part) or float (added);
+    ``is_causal`` is torch's **top-left** causal mask (query i sees keys j <= i) and may not
+    be combined with ``attn_mask``; ``dropout_p`` is applied whenever it is > 0, as torch's
+    function does; ``enable_gqa`` lets key/value have fewer heads (dim -3) than query.
+
+    Runs the flash kernels in O(L + S) extra memory, except when a float ``attn_mask``
+    requires grad: its gradient needs the full score matrix, so that call runs the
+    materialized math (O(L * S) memory). A query row that sees no key gives zeros, as
+    torch's math backend does. Returns (..., L, Ev).
+    """
+    fn = "scaled_dot_product_attention"
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() < 3:
+            raise ValueError(f"{fn}: {name} must have at least 3 dims (..., seq, head_dim), got {tuple(t.shape)}")
+    if query.dim() != key.dim() or query.dim() != value.dim():
+        raise ValueError(f"{fn}: query, key and value must have the same rank, got "
+                         f"{query.dim()}, {key.dim()}, {value.dim()}")
+    if is_causal and attn_mask is not None:
+        raise RuntimeError(f"{fn}: attn_mask and is_causal cannot both be set (torch raises too)")
+    if query.shape[:-3] != key.shape[:-3] or key.shape[:-3] != value.shape[:-3]:
+        raise ValueError(f"{fn}: query, key and value must have the same batch dims, got "
+                         f"{tuple(query.shape[:-3])}, {tuple(key.shape[:-3])}, {tuple(value.shape[:-3])}")
+    hq, hk = query.shape[-3], key.shape[-3]
+    if hq != hk and not enable_gqa:
+        raise ValueError(f"{fn}: query has {hq} heads and key {hk}: pass enable_gqa=True for "
+                         "grouped-query attention")
+    lead = query.shape[:-3]
+    B = int(torch.Size(lead).numel())
+    L, S = query.shape[-2], key.shape[-2]
+    q = query.reshape(B, hq, L, query.shape[-1])
+    k = key.reshape(B, hk, S, key.shape[-1])
+    v = value.reshape(B, value.shape[-3], S, value.shape[-1])
+    check_attention_inputs(q, k, v, fn)
+    mask4 = None
+    if attn_mask is not None:
+        if not isinstance(attn_mask, Tensor) or attn_mask.dim() > query.dim():
+            raise ValueError(f"{fn}: attn_mask must be a tensor broadcastable to "
+                             f"{tuple(query.shape[:-1]) + (S,)}")
+        try:
+            full = torch.broadcast_shapes(attn_mask.shape, tuple(query.shape[:-1]) + (S,))
+        except RuntimeError:
+            full = None
+        if full != tuple(query.shape[:-1]) + (S,):
+            raise ValueError(f"{fn}: attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to "
+                             f"{tuple(query.shape[:-1]) + (S,)}")
+        mask4 = attn_mask
+        if attn_mask.dim() > 4 or (attn_mask.dim() == 4 and query.dim() > 4):
+            # fold the leading batch dims into one (a copy only where they mix broadcast and not)
+            mask4 = attn_mask.expand(*lead, *attn_mask.shape[-3:]).reshape(B, *attn_mask.shape[-3:])
+    _check_mask_args(q, k, mask4, None, dropout_p, fn)
+    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
+    if mask4 is not None and mask4.dtype != torch.bool and mask4.requires_grad:
+        out = _materialized_sdpa(q, k, v, mask4, dropout_p, scale)
+    else:
+        out, _ = _attention(q, k, v, is_causal, False, scale, mask4, None, dropout_p)
+    return out.reshape(*query.shape[:-1], value.shape[-1])
+
+
+def _materialized_sdpa(q, k, v, attn_mask, dropout_p, scale):
+    """The float-mask-with-gradient case: plain autograd through the materialized math, with
+    the kernels' own dropout mask."""
+    from ..reference.attention import scaled_dot_product_attention as ref_sdpa
+
+    if dropout_p >= 1.0:
+        return _materialized_sdpa(q, k, v, attn_mask, 0.0, scale) * 0
+    keep = None
+    if dropout_p > 0.0:
+        seed, offset = (int(x) for x in _new_rng_state().tolist())
+        keep = dropout_keep_mask((q.shape[0], q.shape[1], q.shape[2], k.shape[2]), dropout_p, seed, offset,
+                                 device=q.device)
+    out = ref_sdpa(q, k, v, attn_mask=attn_mask.to(q.dtype), dropout_p=float(dropout_p), scale=scale,
+                   enable_gqa=True, dropout_mask=keep)
+    return out

@@ -99,21 +99,45 @@ def flash_attention(
     causal: bool = False,
     scale: Optional[float] = None,
     bottom_right: bool = True,
+    *,
+    attn_mask: Optional[Tensor] = None,
+    key_lengths: Optional[Tensor] = None,
+    dropout_p: float = 0.0,
+    dropout_mask: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
     """The convention of :func:`seqkernels.flash_attention`, materialized.
 
     q (B, H, Lq, D), k (B, Hk, Lk, D), v (B, Hk, Lk, Dv) with Hk dividing H (grouped-query
     heads). ``causal`` aligns the mask bottom-right by default (query i sees keys
-    j <= i + Lk - Lq), top-left with ``bottom_right=False``.
+    j <= i + Lk - Lq), top-left with ``bottom_right=False``. ``attn_mask`` broadcasts to
+    (B, H, Lq, Lk): boolean (True = takes part) or added to the scaled scores.
+    ``key_lengths`` (B,): keys j >= key_lengths[b] are masked. Dropout with probability
+    ``dropout_p`` keeps the probabilities where ``dropout_mask`` (boolean, broadcast to
+    (B, H, Lq, Lk)) is True, scaled by 1/(1-p); random when no mask is given.
 
     Returns (out (B, H, Lq, Dv), lse (B, H, Lq)) where lse is the log-sum-exp of each row of
-    scaled, masked scores (-inf for a row that sees no key, whose output is zero).
+    scaled, masked scores before dropout (-inf for a row that sees no key, whose output is
+    zero).
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     k, v = _expand_kv_heads(q, k, v)
     scores = (q @ k.transpose(-2, -1)) * scale
+    Lq, Lk = q.shape[-2], k.shape[-2]
     if causal:
-        mask = causal_mask(q.shape[-2], k.shape[-2], bottom_right=bottom_right, device=q.device)
+        mask = causal_mask(Lq, Lk, bottom_right=bottom_right, device=q.device)
         scores = scores.masked_fill(~mask, float("-inf"))
+    if key_lengths is not None:
+        pad = torch.arange(Lk, device=q.device) >= key_lengths.reshape(-1, 1, 1, 1)
+        scores = scores.masked_fill(pad, float("-inf"))
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        else:
+            scores = scores + attn_mask
     lse = torch.logsumexp(scores, dim=-1)
-    return _safe_softmax(scores) @ v, lse
+    probs = _safe_softmax(scores)
+    if dropout_p > 0.0:
+        if dropout_mask is None:
+            dropout_mask = torch.rand_like(probs) >= dropout_p
+        probs = probs * dropout_mask / (1.0 - dropout_p)
+    return probs @ v, lse

@@ -1,0 +1,144 @@
+// What may change a score besides Q K^T * scale: the causal mask, per-batch key lengths,
+// an attention mask (boolean or additive, broadcast through strides) and dropout. Shared
+// by the forward and the backward of the CPU flash attention, so that both see exactly
+// the same masks.
+//
+// Dropout uses Philox4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2,
+// 3", SC 2011), a counter-based generator: the keep/drop decision of score (b, h, i, j)
+// is a pure function of (seed, offset, index), recomputed in the backward, never stored.
+// Element n = offset + ((b * H + h) * Lq + i) * Lk + j uses output word n % 4 of the
+// Philox block with counter (n / 4 as two 32-bit words, 0, 0) and key (seed low word,
+// seed high word): the same stream as Triton's tl.randint4x(seed, n / 4), so the CPU
+// kernel, the Triton kernels and seqkernels.ops.attention.dropout_keep_mask agree
+// bit for bit. A score is kept when its word is >= threshold = round(p * 2^32).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+namespace seqkernels {
+namespace attention {
+
+struct Philox4 {
+  uint32_t v[4];
+};
+
+inline Philox4 philox4x32_10(uint64_t counter, uint64_t seed) {
+  uint32_t c0 = static_cast<uint32_t>(counter), c1 = static_cast<uint32_t>(counter >> 32);
+  uint32_t c2 = 0, c3 = 0;
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  for (int round = 0; round < 10; ++round) {
+    const uint64_t pa = uint64_t(0xD2511F53u) * c0, pb = uint64_t(0xCD9E8D57u) * c2;
+    const uint32_t n0 = static_cast<uint32_t>(pb >> 32) ^ c1 ^ k0;
+    const uint32_t n2 = static_cast<uint32_t>(pa >> 32) ^ c3 ^ k1;
+    c1 = static_cast<uint32_t>(pb);
+    c3 = static_cast<uint32_t>(pa);
+    c0 = n0;
+    c2 = n2;
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  return {{c0, c1, c2, c3}};
+}
+
+// The keep threshold for drop probability p in [0, 1): a word w is kept when w >= it.
+inline uint32_t dropout_threshold(double p) {
+  const double t = std::nearbyint(p * 4294967296.0);
+  return t >= 4294967295.0 ? 4294967295u : static_cast<uint32_t>(t);
+}
+
+// Everything that masks or rescales a score, read-only, for one call.
+template <typename scalar_t>
+struct Masking {
+  int64_t H = 1, Lq = 1, Lk = 1;
+  // Causal: query i sees keys j <= i + offset (offset = Lk - Lq bottom-right, 0 top-left).
+  bool causal = false;
+  int64_t causal_offset = 0;
+  // Key lengths (B,), int64: keys j >= key_lengths[b] are masked. Null when absent.
+  const int64_t* key_lengths = nullptr;
+  // Attention mask of 4 dims, read at b*sb + h*sh + i*si + j*sj (stride 0 on broadcast
+  // dims). Exactly one of bool_mask / add_mask is set when a mask is given.
+  const bool* bool_mask = nullptr;
+  const scalar_t* add_mask = nullptr;
+  int64_t sb = 0, sh = 0, si = 0, sj = 0;
+  // Dropout: 0 <= p < 1; kept probabilities are scaled by 1 / (1 - p).
+  double dropout_p = 0.0;
+  uint32_t threshold = 0;
+  uint64_t seed = 0, rng_offset = 0;
+
+  bool has_mask() const { return bool_mask != nullptr || add_mask != nullptr; }
+  bool has_dropout() const { return dropout_p > 0.0; }
+
+  // One past the last key any query of batch b may see (key lengths only).
+  int64_t key_limit(int64_t b) const {
+    return key_lengths ? std::clamp<int64_t>(key_lengths[b], 0, Lk) : Lk;
+  }
+  // One past the last key query row i of batch b may see (causal and key lengths).
+  int64_t key_end(int64_t b, int64_t i) const {
+    const int64_t lim = key_limit(b);
+    return causal ? std::clamp<int64_t>(i + causal_offset + 1, 0, lim) : lim;
+  }
+  // The first query row that sees key j under the causal mask.
+  int64_t first_query(int64_t j) const {
+    return causal ? std::clamp<int64_t>(j - causal_offset, 0, Lq) : 0;
+  }
+
+  // Whether the boolean mask hides every key in [j0, j0 + cols) from every query in
+  // [i0, i0 + rows): such a tile is skipped. With si == 0 (a mask broadcast over the
+  // queries, as key padding is) one row decides.
+  bool tile_hidden(int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t j0, int64_t cols) const {
+    if (bool_mask == nullptr) return false;
+    const int64_t nrows = si == 0 ? 1 : rows;
+    for (int64_t r = 0; r < nrows; ++r) {
+      const bool* m = bool_mask + b * sb + h * sh + (i0 + r) * si + j0 * sj;
+      for (int64_t j = 0; j < cols; ++j) {
+        if (m[j * sj]) return false;
+      }
+    }
+    return true;
+  }
+
+  // Scores of row i, keys [j0, j0 + cols), already scaled: set the masked ones to -inf
+  // (causal, key lengths, boolean mask) and add the additive mask.
+  void apply(scalar_t* s, int64_t b, int64_t h, int64_t i, int64_t j0, int64_t cols) const {
+    constexpr scalar_t kNegInf = -std::numeric_limits<scalar_t>::infinity();
+    const int64_t visible = std::max<int64_t>(key_end(b, i) - j0, 0);
+    if (visible < cols) std::fill(s + visible, s + cols, kNegInf);
+    const int64_t n = std::min(visible, cols);
+    const int64_t base = b * sb + h * sh + i * si + j0 * sj;
+    if (bool_mask != nullptr) {
+      const bool* m = bool_mask + base;
+      for (int64_t j = 0; j < n; ++j) {
+        if (!m[j * sj]) s[j] = kNegInf;
+      }
+    } else if (add_mask != nullptr) {
+      const scalar_t* m = add_mask + base;
+      if (sj == 1) {
+        for (int64_t j = 0; j < n; ++j) s[j] += m[j];
+      } else {
+        for (int64_t j = 0; j < n; ++j) s[j] += m[j * sj];
+      }
+    }
+  }
+
+  // The dropout multipliers of row i, keys [j0, j0 + cols): 0 (dropped) or 1 / (1 - p).
+  void dropout_row(scalar_t* z, int64_t b, int64_t h, int64_t i, int64_t j0, int64_t cols) const {
+    const scalar_t kept = scalar_t(1.0 / (1.0 - dropout_p));
+    const uint64_t first = rng_offset + static_cast<uint64_t>(((b * H + h) * Lq + i) * Lk + j0);
+    int64_t j = 0;
+    uint64_t n = first;
+    while (j < cols) {
+      const Philox4 r = philox4x32_10(n >> 2, seed);
+      for (int lane = static_cast<int>(n & 3); lane < 4 && j < cols; ++lane, ++j, ++n) {
+        z[j] = r.v[lane] >= threshold ? kept : scalar_t(0);
+      }
+    }
+  }
+};
+
+}  // namespace attention
+}  // namespace seqkernels
