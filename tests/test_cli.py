@@ -52,14 +52,14 @@ def test_speed_writes_json_and_csv(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setitem(suites.SPEED_SUITES, "attention", tiny)
     assert cli.main(["speed", "--ops", "attention", "--repeat", "2", "--out", str(tmp_path)]) == 0
-    data = json.loads((tmp_path / "speed_cpu.json").read_text())
+    data = json.loads((tmp_path / "speed_cpu_attention.json").read_text())
     assert set(data["meta"]) >= {"date", "device", "machine", "torch", "seqkernels"}
     row = data["rows"][0]
     for key in ("op", "mode", "shape", "dtype", "device", "seqkernels_ms", "torch_ms", "speedup_vs_torch",
                 "seqkernels_gflops"):
         assert key in row
     assert math.isclose(row["speedup_vs_torch"], row["torch_ms"] / row["seqkernels_ms"])
-    with open(tmp_path / "speed_cpu.csv") as f:
+    with open(tmp_path / "speed_cpu_attention.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 1 and float(rows[0]["seqkernels_ms"]) == pytest.approx(row["seqkernels_ms"])
     assert "vs torch" in capsys.readouterr().out

@@ -187,7 +187,8 @@ void forward_kernel(const Dims& d, const attention::Masking<scalar_t>& mk, const
       const int64_t kend = mk.key_end(b, i0 + rows - 1);  // keys past it are masked for every row
       for (int64_t j0 = 0; j0 < kend; j0 += kFwdK) {
         const int64_t cols = std::min(kFwdK, kend - j0);
-        if (mk.tile_hidden(b, h, i0, rows, j0, cols)) continue;
+        const auto tile = mk.tile_state(b, h, i0, rows, j0, cols);
+        if (tile == attention::Masking<scalar_t>::Tile::kHidden) continue;
         scalar_t* S = s_buf.data();
         at::Tensor s_tile;  // oneDNN's result, alive until the PV product is done
         if constexpr (std::is_same_v<scalar_t, float>) {
@@ -202,7 +203,7 @@ void forward_kernel(const Dims& d, const attention::Masking<scalar_t>& mk, const
         }
         for (int64_t r = 0; r < rows; ++r) {
           scalar_t* srow = S + r * cols;
-          mk.apply(srow, b, h, i0 + r, j0, cols);
+          mk.apply(srow, b, h, i0 + r, j0, cols, tile);
           const scalar_t tile_max = row_max(srow, cols);
           const scalar_t m_new = (m[r] != kNegInf && tile_max <= m[r] + scalar_t(kSlack))
                                      ? m[r]
@@ -311,7 +312,8 @@ void backward_kernel(const Dims& d, const attention::Masking<scalar_t>& mk, int6
           const int64_t bh = b * d.H + h;
           for (int64_t i0 = qstart; i0 < d.Lq; i0 += kBwdQ) {
             const int64_t rows = std::min(kBwdQ, d.Lq - i0);
-            if (mk.tile_hidden(b, h, i0, rows, j0, cols)) continue;
+            const auto tile = mk.tile_state(b, h, i0, rows, j0, cols);
+            if (tile == attention::Masking<scalar_t>::Tile::kHidden) continue;
             const scalar_t* Q = q + (bh * d.Lq + i0) * d.D;
             const scalar_t* dO = dout + (bh * d.Lq + i0) * d.Dv;
             const scalar_t* LSE = lse + bh * d.Lq + i0;
@@ -325,7 +327,7 @@ void backward_kernel(const Dims& d, const attention::Masking<scalar_t>& mk, int6
                 std::fill(prow, prow + cols, scalar_t(0));
                 continue;
               }
-              mk.apply(prow, b, h, i0 + r, j0, cols);
+              mk.apply(prow, b, h, i0 + r, j0, cols, tile);
               exp_sub_sum(prow, cols, LSE[r]);
             }
             using Vec = at::vec::Vectorized<scalar_t>;

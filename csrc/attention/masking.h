@@ -87,33 +87,37 @@ struct Masking {
     return causal ? std::clamp<int64_t>(j - causal_offset, 0, Lq) : 0;
   }
 
-  // Whether the boolean mask hides every key in [j0, j0 + cols) from every query in
-  // [i0, i0 + rows): such a tile is skipped. With si == 0 (a mask broadcast over the
-  // queries, as key padding is) one row decides.
-  bool tile_hidden(int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t j0, int64_t cols) const {
-    if (bool_mask == nullptr) return false;
+  // What the boolean mask does to the tile of queries [i0, i0 + rows) x keys [j0, j0 + cols):
+  // hides all of it (the tile is skipped), shows all of it (the mask need not be read
+  // again for this tile) or some of each. With si == 0 (a mask broadcast over the queries,
+  // as key padding is) one row decides. Without a boolean mask every tile is kOpen.
+  enum class Tile { kHidden, kOpen, kMixed };
+  Tile tile_state(int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t j0, int64_t cols) const {
+    if (bool_mask == nullptr) return Tile::kOpen;
     const int64_t nrows = si == 0 ? 1 : rows;
+    int64_t shown = 0;
     for (int64_t r = 0; r < nrows; ++r) {
       const bool* m = bool_mask + b * sb + h * sh + (i0 + r) * si + j0 * sj;
-      for (int64_t j = 0; j < cols; ++j) {
-        if (m[j * sj]) return false;
-      }
+      for (int64_t j = 0; j < cols; ++j) shown += m[j * sj];
     }
-    return true;
+    return shown == 0 ? Tile::kHidden : (shown == nrows * cols ? Tile::kOpen : Tile::kMixed);
   }
 
   // Scores of row i, keys [j0, j0 + cols), already scaled: set the masked ones to -inf
-  // (causal, key lengths, boolean mask) and add the additive mask.
-  void apply(scalar_t* s, int64_t b, int64_t h, int64_t i, int64_t j0, int64_t cols) const {
+  // (causal, key lengths, and the boolean mask unless the tile is kOpen) and add the
+  // additive mask.
+  void apply(scalar_t* s, int64_t b, int64_t h, int64_t i, int64_t j0, int64_t cols, Tile tile) const {
     constexpr scalar_t kNegInf = -std::numeric_limits<scalar_t>::infinity();
     const int64_t visible = std::max<int64_t>(key_end(b, i) - j0, 0);
     if (visible < cols) std::fill(s + visible, s + cols, kNegInf);
     const int64_t n = std::min(visible, cols);
     const int64_t base = b * sb + h * sh + i * si + j0 * sj;
-    if (bool_mask != nullptr) {
+    if (bool_mask != nullptr && tile == Tile::kMixed) {
       const bool* m = bool_mask + base;
-      for (int64_t j = 0; j < n; ++j) {
-        if (!m[j * sj]) s[j] = kNegInf;
+      if (sj == 1) {
+        for (int64_t j = 0; j < n; ++j) s[j] = m[j] ? s[j] : kNegInf;
+      } else {
+        for (int64_t j = 0; j < n; ++j) s[j] = m[j * sj] ? s[j] : kNegInf;
       }
     } else if (add_mask != nullptr) {
       const scalar_t* m = add_mask + base;

@@ -95,9 +95,11 @@ def cmd_speed(args) -> int:
     print(_table(rows, [("op", "op", ""), ("mode", "mode", ""), ("shape", "shape", ""), ("dtype", "dtype", ""),
                         ("seqkernels", "seqkernels_ms", ".2f"), ("torch", "torch_ms", ".2f"),
                         ("reference", "reference_ms", ".2f"), ("cell loop", "cell_loop_ms", ".2f"),
+                        ("lengths", "lengths_ms", ".2f"),
                         ("vs torch", "speedup_vs_torch", ".2f"), ("vs cell loop", "speedup_vs_cell_loop", ".2f"),
                         ("GFLOP/s", "seqkernels_gflops", ".0f"), ("torch GFLOP/s", "torch_gflops", ".0f")]))
-    stem = f"speed_{device}"
+    # the full grid is speed_<device>; a run of some families gets its own files
+    stem = f"speed_{device}" if set(ops) == set(SPEED_SUITES) else f"speed_{device}_{'-'.join(ops)}"
     paths = _write(args.out, stem, meta, rows)
     png = os.path.join(args.out, f"{stem}.png")
     if _plot_speed(rows, png, meta):

@@ -8,6 +8,16 @@ Cases:
   attention.{reference,sdpa,seqkernels}
                                 attention with params B, H, L (= Lq = Lk), D, causal,
                                 backward, dtype
+  attention_padded.{seqkernels,seqkernels_lengths,sdpa}
+                                attention with a key-padding mask: params B, H, L, D,
+                                keep (the fraction of keys that are not padding, the same
+                                for every sequence), backward. seqkernels and sdpa get the
+                                same boolean (B, 1, 1, L) mask; seqkernels_lengths gets the
+                                key lengths instead
+  mha.{seqkernels,torch}        nn.MultiheadAttention self-attention, batch_first, with a
+                                key_padding_mask: params B, L, E, heads, keep, backward
+                                (need_weights=False; forward in eval mode under no_grad,
+                                where torch takes its fused fast path)
   lstm.{seqkernels,torch,cell_loop,reference}
   rnn.{seqkernels,torch,cell_loop,reference}
                                 a one-layer LSTM / tanh RNN with params T, B, I, H,
@@ -80,11 +90,70 @@ def build_case(name: str, p: dict, device: str):
 
         return fwd_bwd
 
+    if name.startswith("attention_padded."):
+        return _padded_attention_case(name.split(".", 1)[1], p, device)
+
+    if name.startswith("mha."):
+        return _mha_case(name.split(".", 1)[1], p, device)
+
     if name.startswith(("lstm.", "rnn.")):
         family, impl = name.split(".", 1)
         return _recurrent_case(family, impl, p, device)
 
     raise KeyError(f"unknown case {name!r}")
+
+
+def _padding(p: dict, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lengths (B,), key_padding (B, L) True = padding) keeping ``keep`` of the L keys."""
+    B, L = p.get("B", 1), p["L"]
+    lengths = torch.full((B,), max(1, round(p.get("keep", 0.5) * L)), dtype=torch.int64, device=device)
+    return lengths, torch.arange(L, device=device) >= lengths[:, None]
+
+
+def _grad_or_no_grad(fn, inputs, p: dict, device: str):
+    if not p.get("backward", False):
+        def fwd():
+            with torch.no_grad():
+                return fn()
+        return fwd
+    out_shape = fn().shape
+
+    go = torch.randn(out_shape, dtype=inputs[0].dtype, device=device)
+
+    def fwd_bwd():
+        return torch.autograd.grad(fn(), inputs, go)
+
+    return fwd_bwd
+
+
+def _padded_attention_case(impl: str, p: dict, device: str):
+    import seqkernels
+
+    q, k, v = _attention_inputs(p, device)
+    lengths, padding = _padding(p, device)
+    mask = (~padding)[:, None, None, :]
+    fns = {
+        "seqkernels": lambda: seqkernels.scaled_dot_product_attention(q, k, v, attn_mask=mask),
+        "seqkernels_lengths": lambda: seqkernels.flash_attention(q, k, v, key_lengths=lengths),
+        "sdpa": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask),
+    }
+    return _grad_or_no_grad(fns[impl], (q, k, v), p, device)
+
+
+def _mha_case(impl: str, p: dict, device: str):
+    import seqkernels
+
+    dtype = DTYPES[p.get("dtype", "float32")]
+    E, heads = p.get("E", 512), p.get("heads", 8)
+    cls = seqkernels.nn.MultiheadAttention if impl == "seqkernels" else torch.nn.MultiheadAttention
+    torch.manual_seed(0)
+    m = cls(E, heads, batch_first=True, device=device, dtype=dtype)
+    backward = bool(p.get("backward", False))
+    m.train(backward)
+    x = torch.randn(p.get("B", 1), p["L"], E, dtype=dtype, device=device, requires_grad=backward)
+    _, padding = _padding(p, device)
+    fn = lambda: m(x, x, x, key_padding_mask=padding, need_weights=False)[0]  # noqa: E731
+    return _grad_or_no_grad(fn, (x, *m.parameters()), p, device)
 
 
 def _recurrent_case(family: str, impl: str, p: dict, device: str):

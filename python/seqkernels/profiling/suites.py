@@ -65,6 +65,38 @@ def attention_speed_cases(device: str, quick: bool) -> list[SpeedCase]:
     return cases
 
 
+def padded_attention_speed_cases(device: str, quick: bool) -> list[SpeedCase]:
+    """Issue 6's shape: B=4 H=8 L=2048 D=64 with half the keys padding; the same boolean
+    mask for both, and seqkernels with key lengths as a third column."""
+    B, H, D = 4, 8, 64
+    cases = []
+    for L in ([2048] if quick else [1024, 2048, 4096]):
+        for backward in (False, True):
+            p = dict(B=B, H=H, L=L, D=D, keep=0.5, backward=backward, dtype="float32")
+            impls = {"seqkernels": "attention_padded.seqkernels", "torch": "attention_padded.sdpa",
+                     "lengths": "attention_padded.seqkernels_lengths"}
+            # useful work: the kept half of the keys
+            cases.append(SpeedCase("padded attention", f"B={B} H={H} L={L} D={D} keep=0.5", p, impls,
+                                   attention_flops(B, H, L, L // 2, D, False, backward),
+                                   "fwd+bwd" if backward else "fwd"))
+    return cases
+
+
+def mha_speed_cases(device: str, quick: bool) -> list[SpeedCase]:
+    """nn.MultiheadAttention self-attention with a key_padding_mask keeping half the keys."""
+    B, E, heads = 4, 512, 8
+    cases = []
+    for L in ([1024] if quick else [1024, 2048]):
+        for backward in (False, True):
+            p = dict(B=B, L=L, E=E, heads=heads, keep=0.5, backward=backward, dtype="float32")
+            flops = 2 * 4 * B * L * E * E * (3 if backward else 1) + attention_flops(
+                B, heads, L, L // 2, E // heads, False, backward)
+            cases.append(SpeedCase("mha", f"B={B} L={L} E={E} heads={heads} keep=0.5", p,
+                                   {"seqkernels": "mha.seqkernels", "torch": "mha.torch"}, flops,
+                                   "fwd+bwd" if backward else "fwd"))
+    return cases
+
+
 def _recurrent_speed_cases(family: str, quick: bool) -> list[SpeedCase]:
     from .cases import lstm_flops
 
@@ -94,6 +126,8 @@ def rnn_speed_cases(device: str, quick: bool) -> list[SpeedCase]:
 
 SPEED_SUITES: dict[str, Callable[[str, bool], list[SpeedCase]]] = {
     "attention": attention_speed_cases,
+    "padded_attention": padded_attention_speed_cases,
+    "mha": mha_speed_cases,
     "lstm": lstm_speed_cases,
     "rnn": rnn_speed_cases,
 }
@@ -105,13 +139,16 @@ def run_speed(ops: Iterable[str], device: str, quick: bool, repeat: int = 7) -> 
     for c in cases:
         bar.step(f"{c.op} {c.mode} {c.shape}")
         row = dict(op=c.op, mode=c.mode, shape=c.shape, dtype=c.params.get("dtype", "float32"),
-                   device=device, **{k: v for k, v in c.params.items() if k in ("L", "B", "T", "H", "D", "I")})
+                   device=device, **{k: v for k, v in c.params.items()
+                                     if k in ("L", "B", "T", "H", "D", "I", "E", "keep")})
         for col, case in c.impls.items():
             fn = build_case(case, c.params, device)
             t = measure_time(fn, warmup=1, repeat=repeat, device=device)
             row[f"{col}_ms"] = t.median_ms
             del fn
         row["speedup_vs_torch"] = row["torch_ms"] / row["seqkernels_ms"]
+        if "lengths_ms" in row:
+            row["speedup_lengths_vs_torch"] = row["torch_ms"] / row["lengths_ms"]
         if "cell_loop_ms" in row:
             row["speedup_vs_cell_loop"] = row["cell_loop_ms"] / row["seqkernels_ms"]
         row["seqkernels_gflops"] = c.flops / (row["seqkernels_ms"] * 1e-3) / 1e9
