@@ -30,10 +30,16 @@ from . import flash_attention as K
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # bytes per block: A100, H100
 KERNELS = {"fwd": K._attn_fwd, "dkdv": K._attn_bwd_dkdv, "dq": K._attn_bwd_dq}
 KIND = {"fwd": "fwd", "dkdv": "bwd", "dq": "bwd"}
-VARIANTS = [("fp16", True), ("fp16", False)]  # bfloat16 compiles to the same tiles
-_CONSTEXPRS = ("CAUSAL", "BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_DV", "F32")
+# (dtype, causal, mask) for the plain configs, and for the *_masked configs, which run
+# whenever an optional feature is on: each of those is compiled with every feature on at
+# once (a boolean or an additive attn_mask, key lengths and dropout), the heaviest
+# variants. bfloat16 compiles to the same tiles.
+VARIANTS = [("fp16", True, ""), ("fp16", False, "")]
+MASKED_VARIANTS = [("fp16", True, "bool"), ("fp16", True, "add")]
+_CONSTEXPRS = ("CAUSAL", "BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_DV", "F32", "MASK_KIND", "HAS_LENGTHS", "DROPOUT")
 _FP32_POINTERS = {"LSE", "DELTA"}
 _TENSOR_POINTERS = {"Q", "K", "V", "O", "DO", "DK", "DV_", "DQ"}
+_I64 = {"seed", "rng_offset", "threshold"}
 
 
 def cuobjdump() -> str:
@@ -49,7 +55,13 @@ def signature(fn, dtype: str) -> dict:
             sig[name] = "*fp32"
         elif name in _TENSOR_POINTERS:
             sig[name] = "*" + dtype
-        elif name in ("qk_scale", "scale"):
+        elif name == "M":
+            sig[name] = "*i1"
+        elif name == "KL":
+            sig[name] = "*i64"
+        elif name in _I64:
+            sig[name] = "i64"
+        elif name in ("qk_scale", "scale", "drop_scale"):
             sig[name] = "fp32"
         else:
             sig[name] = "i32"
@@ -69,27 +81,35 @@ def resources(cubin: bytes) -> dict:
     return {k: int(v) for k, v in re.findall(r"(\w+(?:\[\d+\])?):(\d+)", line)}
 
 
-def compile_one(kernel: str, arch: int, d: int, cfg: tuple, dtype: str, causal: bool) -> dict:
+def compile_one(kernel: str, arch: int, d: int, cfg: tuple, dtype: str, causal: bool, mask: str = "") -> dict:
     bm, bn, warps, stages = cfg
     fn = KERNELS[kernel]
-    src = ASTSource(fn, signature(fn, dtype), constexprs=dict(
-        CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=d, BLOCK_DV=d, F32=dtype == "fp32"))
+    sig = signature(fn, dtype)
+    if mask == "add":
+        sig["M"] = "*" + dtype
+    masked = bool(mask)
+    src = ASTSource(fn, sig, constexprs=dict(
+        CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=d, BLOCK_DV=d, F32=dtype == "fp32",
+        MASK_KIND={"": 0, "bool": 1, "add": 2}[mask], HAS_LENGTHS=masked, DROPOUT=masked))
     c = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps, num_stages=stages))
     res = resources(c.asm["cubin"])
-    return dict(kernel=kernel, arch=arch, head_dim=d, config=list(cfg), dtype=dtype, causal=causal,
+    return dict(kernel=kernel, arch=arch, head_dim=d, config=list(cfg), dtype=dtype, causal=causal, mask=mask,
+                kind=KIND[kernel] + ("_masked" if masked else ""),
                 shared=c.metadata.shared, regs=res["REG"], stack=res["STACK"], local=res["LOCAL"],
                 wgmma="wgmma" in c.asm["ptx"], smem_limit=SMEM_LIMIT[arch])
 
 
 def cases(configs=None) -> list[tuple]:
-    """(kernel, arch, head dim, config, dtype, causal) for every config in ``configs``."""
+    """(kernel, arch, head dim, config, dtype, causal, mask) for every config in ``configs``."""
     configs = K.CONFIGS if configs is None else configs
-    return [(kernel, arch, d, tuple(cfg), dtype, causal)
+    return [(kernel, arch, d, tuple(cfg), dtype, causal, mask)
             for kernel in KERNELS
+            for suffix, variants in (("", VARIANTS), ("_masked", MASKED_VARIANTS))
+            if KIND[kernel] + suffix in configs
             for arch in (80, 90)
-            for d, cfgs in configs[KIND[kernel]][arch].items()
+            for d, cfgs in configs[KIND[kernel] + suffix][arch].items()
             for cfg in cfgs
-            for dtype, causal in VARIANTS]
+            for dtype, causal, mask in variants]
 
 
 def report(configs=None, jobs: int = os.cpu_count() or 1) -> list[dict]:
@@ -105,7 +125,7 @@ def report(configs=None, jobs: int = os.cpu_count() or 1) -> list[dict]:
 
 
 def wgmma_required(row: dict) -> bool:
-    return row["arch"] == 90 and (KIND[row["kernel"]], row["arch"], row["head_dim"]) not in K.NO_WGMMA
+    return row["arch"] == 90 and (row["kind"], row["arch"], row["head_dim"]) not in K.NO_WGMMA
 
 
 def ok(row: dict) -> bool:
@@ -120,10 +140,10 @@ def main(argv=None) -> int:
         print(json.dumps(rows))
         return 0
     print(f"{'kernel':<6} {'arch':<6} {'D':>4} {'config (M,N,warps,stages)':<26} {'dtype':<5} {'causal':<6} "
-          f"{'smem KiB':>8} {'regs':>4} {'stack':>5} {'wgmma':<5} ok")
+          f"{'mask':<6} {'smem KiB':>8} {'regs':>4} {'stack':>5} {'wgmma':<5} ok")
     for r in rows:
         print(f"{r['kernel']:<6} sm_{r['arch']:<3} {r['head_dim']:>4} {str(tuple(r['config'])):<26} {r['dtype']:<5} "
-              f"{str(r['causal']):<6} {r['shared'] / 1024:>8.1f} {r['regs']:>4} {r['stack']:>5} "
+              f"{str(r['causal']):<6} {(r['mask'] or '-'):<6} {r['shared'] / 1024:>8.1f} {r['regs']:>4} {r['stack']:>5} "
               f"{str(r['wgmma']):<5} {'yes' if ok(r) else 'NO'}")
     return 0 if all(ok(r) for r in rows) else 1
 

@@ -14,6 +14,14 @@ probabilities from the LSE:
 Every output element has exactly one writer (no atomics), so the backward is
 deterministic: the same inputs give bitwise the same gradients.
 
+Optional, selected by constexpr flags so that the plain kernels carry none of it:
+MASK_KIND 1 (boolean attn_mask, True = takes part) or 2 (additive, in natural-log units,
+so scaled by log2(e) here), read through four strides (0 on broadcast dims); HAS_LENGTHS
+(per-batch key lengths: the key loops stop at the length, so padded keys cost nothing);
+DROPOUT (Philox through tl.randint4x with the counter convention of
+csrc/attention/masking.h and seqkernels.reference.philox, so GPU, CPU and the Python
+reference draw the same mask; regenerated in both backward kernels, never stored).
+
 Layout: q (B, H, Lq, D), k (B, Hk, Lk, D), v (B, Hk, Lk, Dv), any strides with unit
 stride in the last dim; Hk divides H. Causal: query i sees key j when j <= i + offset,
 offset = Lk - Lq (bottom-right) or 0 (top-left). A row that sees no key gets zeros,
@@ -63,6 +71,51 @@ def _causal_key_end(pid_m, Lk, offset, CAUSAL: tl.constexpr, BLOCK_M: tl.constex
 
 
 @triton.jit
+def _key_limit(KL, b, Lk, HAS_LENGTHS: tl.constexpr):
+    """One past the last key of batch b that is not padding."""
+    kl = Lk
+    if HAS_LENGTHS:
+        kl = tl.minimum(tl.maximum(tl.load(KL + b).to(tl.int32), 0), Lk)
+    return kl
+
+
+@triton.jit
+def _mask_scores(s, b, h, rows, cols, Lq, Lk, kl, offset, M, smb, smh, smm, smn,
+                 CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr):
+    """Scores s (base-2 units) of the tile rows x cols with every mask applied: -inf where a
+    key is out of range, padding, causally hidden or masked off; the additive mask added."""
+    valid = cols[None, :] < kl
+    if CAUSAL:
+        valid = valid & (cols[None, :] <= rows[:, None] + offset)
+    if MASK_KIND != 0:
+        # indices clamped into the mask instead of a load predicate (fewer live registers);
+        # the entries read for rows/keys out of range are never used
+        r = tl.minimum(rows, Lq - 1)
+        c = tl.minimum(cols, Lk - 1)
+        ptrs = M + b * smb + h * smh + r[:, None] * smm + c[None, :] * smn
+        if MASK_KIND == 1:
+            valid = valid & (tl.load(ptrs) != 0)
+        else:
+            s = s + tl.load(ptrs).to(tl.float32) * 1.4426950408889634
+    return tl.where(valid, s, float("-inf"))
+
+
+@triton.jit
+def _dropout_keep(bh, rows, start_n, Lq, Lk, seed, rng_offset, threshold,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Whether dropout keeps each score of the tile rows x [start_n, start_n + BLOCK_N):
+    key j of row r = bh * Lq + i uses word j % 4 of Philox block
+    rng_offset + r * ceil(Lk / 4) + j // 4. One block per four keys: the four words of a
+    (BLOCK_M, BLOCK_N / 4) tile of blocks are interleaved into the (BLOCK_M, BLOCK_N) tile."""
+    row_block = (bh.to(tl.int64) * Lq + rows) * ((Lk + 3) // 4) + rng_offset
+    blocks = row_block[:, None] + (start_n // 4 + tl.arange(0, BLOCK_N // 4))[None, :]
+    r0, r1, r2, r3 = tl.randint4x(seed, blocks)
+    # join(join(r0, r2), join(r1, r3))[m, c, a, b] = r_(2a + b): lane 2a + b of block c
+    words = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), (BLOCK_M, BLOCK_N))
+    return words.to(tl.int64) >= threshold
+
+
+@triton.jit
 def _query_side(Q, DO, LSE, DELTA, q_off, do_off, sqm, sdm, bh, rows, Lq, offs_d, D, offs_dv, DV):
     """q, dO, the LSE in base 2 and delta of one query block, as both backward kernels use them.
 
@@ -77,11 +130,12 @@ def _query_side(Q, DO, LSE, DELTA, q_off, do_off, sqm, sdm, bh, rows, Lq, offs_d
 
 
 @triton.jit
-def _attn_fwd(Q, K, V, O, LSE,
-              sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
-              H, G, Lq, Lk, D, DV, offset, qk_scale,
+def _attn_fwd(Q, K, V, O, LSE, M, KL,
+              sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som, smb, smh, smm, smn,
+              H, G, Lq, Lk, D, DV, offset, qk_scale, seed, rng_offset, threshold, drop_scale,
               CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, F32: tl.constexpr):
+              BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, F32: tl.constexpr,
+              MASK_KIND: tl.constexpr = 0, HAS_LENGTHS: tl.constexpr = False, DROPOUT: tl.constexpr = False):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -98,7 +152,8 @@ def _attn_fwd(Q, K, V, O, LSE,
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    kend = _causal_key_end(pid_m, Lk, offset, CAUSAL, BLOCK_M)
+    kl = _key_limit(KL, b, Lk, HAS_LENGTHS)
+    kend = tl.minimum(_causal_key_end(pid_m, Lk, offset, CAUSAL, BLOCK_M), kl)
     for start_n in range(0, kend, BLOCK_N):
         cols = start_n + offs_n
         k = _load_rows_t(k_base, cols, Lk, skn, offs_d, D)  # (BLOCK_D, BLOCK_N)
@@ -106,16 +161,16 @@ def _attn_fwd(Q, K, V, O, LSE,
             s = tl.dot(q, k, input_precision="tf32x3")
         else:
             s = tl.dot(q, k)
-        s = s * qk_scale  # base-2 logits
-        valid = cols[None, :] < Lk
-        if CAUSAL:
-            valid = valid & (cols[None, :] <= offs_m[:, None] + offset)
-        s = tl.where(valid, s, float("-inf"))
+        s = _mask_scores(s * qk_scale, b, h, offs_m, cols, Lq, Lk, kl, offset, M, smb, smh, smm, smn,
+                         CAUSAL, MASK_KIND)  # base-2 logits
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
+        if DROPOUT:  # the sum above is over all keys; only the output drops
+            keep = _dropout_keep(bh, offs_m, start_n, Lq, Lk, seed, rng_offset, threshold, BLOCK_M, BLOCK_N)
+            p = tl.where(keep, p * drop_scale, 0.0)
         v = _load_rows(v_base, cols, Lk, svn, offs_dv, DV)
         acc = acc * alpha[:, None]
         if F32:
@@ -149,33 +204,37 @@ def _attn_bwd_preprocess(O, DO, DLSE, DELTA, sob, soh, som, sdb, sdh, sdm, H, Lq
 
 
 @triton.jit
-def _probs_and_dscores(q, k, v, do, lse2, delta, rows, cols, Lk, offset, qk_scale,
-                       CAUSAL: tl.constexpr, F32: tl.constexpr):
-    """For one tile: P (recomputed from the LSE) and dS = P * (dO V^T - delta)."""
+def _probs_and_dscores(q, k, v, do, lse2, delta, b, h, bh, rows, cols, Lq, Lk, kl, offset, qk_scale,
+                       M, smb, smh, smm, smn, seed, rng_offset, threshold, drop_scale, start_n,
+                       CAUSAL: tl.constexpr, F32: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """For one tile: the probabilities as the output used them (P, or P * Z with the dropout
+    multipliers Z) and dS = P * (dO V^T * Z - delta)."""
     if F32:
         s = tl.dot(q, k, input_precision="tf32x3")
     else:
         s = tl.dot(q, k)
-    s = s * qk_scale
-    valid = cols[None, :] < Lk
-    if CAUSAL:
-        valid = valid & (cols[None, :] <= rows[:, None] + offset)
-    p = tl.where(valid, tl.exp2(s - lse2[:, None]), 0.0)
+    s = _mask_scores(s * qk_scale, b, h, rows, cols, Lq, Lk, kl, offset, M, smb, smh, smm, smn, CAUSAL, MASK_KIND)
+    p = tl.exp2(s - lse2[:, None])  # exactly 0 where s = -inf
     if F32:
         dp = tl.dot(do, v, input_precision="tf32x3")
     else:
         dp = tl.dot(do, v)
-    ds = p * (dp - delta[:, None])
-    return p, ds
+    if DROPOUT:
+        keep = _dropout_keep(bh, rows, start_n, Lq, Lk, seed, rng_offset, threshold, BLOCK_M, BLOCK_N)
+        z = tl.where(keep, drop_scale, 0.0)
+        return p * z, p * (dp * z - delta[:, None])
+    return p, p * (dp - delta[:, None])
 
 
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV_,
+def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV_, M, KL,
                    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdb, sdh, sdm,
-                   sdkb, sdkh, sdkn, sdvb, sdvh, sdvn,
-                   H, Hk, G, Lq, Lk, D, DV, offset, qk_scale, scale,
+                   sdkb, sdkh, sdkn, sdvb, sdvh, sdvn, smb, smh, smm, smn,
+                   H, Hk, G, Lq, Lk, D, DV, offset, qk_scale, scale, seed, rng_offset, threshold, drop_scale,
                    CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, F32: tl.constexpr):
+                   BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, F32: tl.constexpr,
+                   MASK_KIND: tl.constexpr = 0, HAS_LENGTHS: tl.constexpr = False, DROPOUT: tl.constexpr = False):
     pid_n = tl.program_id(0)
     bhk = tl.program_id(1)
     b = bhk // Hk
@@ -191,14 +250,20 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV_,
     start_m = 0
     if CAUSAL:  # the first query that sees key pid_n * BLOCK_N: i + offset >= j
         start_m = tl.maximum(0, pid_n * BLOCK_N - offset) // BLOCK_M * BLOCK_M
+    kl = _key_limit(KL, b, Lk, HAS_LENGTHS)
+    end_m = Lq
+    if HAS_LENGTHS:  # a block of padding keys: zero gradients, no work
+        end_m = tl.where(pid_n * BLOCK_N < kl, Lq, 0)
     for g in range(0, G):
         h = hk * G + g
         bh = b * H + h
-        for m0 in range(start_m, Lq, BLOCK_M):
+        for m0 in range(start_m, end_m, BLOCK_M):
             rows = m0 + offs_mb
             q, do, lse2, delta = _query_side(Q, DO, LSE, DELTA, b * sqb + h * sqh, b * sdb + h * sdh, sqm, sdm,
                                              bh, rows, Lq, offs_d, D, offs_dv, DV)
-            p, ds = _probs_and_dscores(q, k, v, do, lse2, delta, rows, cols, Lk, offset, qk_scale, CAUSAL, F32)
+            p, ds = _probs_and_dscores(q, k, v, do, lse2, delta, b, h, bh, rows, cols, Lq, Lk, kl, offset, qk_scale,
+                                       M, smb, smh, smm, smn, seed, rng_offset, threshold, drop_scale,
+                                       pid_n * BLOCK_N, CAUSAL, F32, MASK_KIND, DROPOUT, BLOCK_M, BLOCK_N)
             if F32:
                 dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision="tf32x3")
                 dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision="tf32x3")
@@ -213,11 +278,12 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV_,
 
 
 @triton.jit
-def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
-                 sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdb, sdh, sdm, sdqb, sdqh, sdqm,
-                 H, G, Lq, Lk, D, DV, offset, qk_scale, scale,
+def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, M, KL,
+                 sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdb, sdh, sdm, sdqb, sdqh, sdqm, smb, smh, smm, smn,
+                 H, G, Lq, Lk, D, DV, offset, qk_scale, scale, seed, rng_offset, threshold, drop_scale,
                  CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, F32: tl.constexpr):
+                 BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, F32: tl.constexpr,
+                 MASK_KIND: tl.constexpr = 0, HAS_LENGTHS: tl.constexpr = False, DROPOUT: tl.constexpr = False):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -230,14 +296,17 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
     q, do, lse2, delta = _query_side(Q, DO, LSE, DELTA, b * sqb + h * sqh, b * sdb + h * sdh, sqm, sdm,
                                      bh, rows, Lq, offs_d, D, offs_dv, DV)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    kend = _causal_key_end(pid_m, Lk, offset, CAUSAL, BLOCK_M)
+    kl = _key_limit(KL, b, Lk, HAS_LENGTHS)
+    kend = tl.minimum(_causal_key_end(pid_m, Lk, offset, CAUSAL, BLOCK_M), kl)
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
     for start_n in range(0, kend, BLOCK_N):
         cols = start_n + offs_n
         kt = _load_rows_t(k_base, cols, Lk, skn, offs_d, D)     # (BLOCK_D, BLOCK_N)
         vt = _load_rows_t(v_base, cols, Lk, svn, offs_dv, DV)   # (BLOCK_DV, BLOCK_N)
-        p, ds = _probs_and_dscores(q, kt, vt, do, lse2, delta, rows, cols, Lk, offset, qk_scale, CAUSAL, F32)
+        p, ds = _probs_and_dscores(q, kt, vt, do, lse2, delta, b, h, bh, rows, cols, Lq, Lk, kl, offset, qk_scale,
+                                   M, smb, smh, smm, smn, seed, rng_offset, threshold, drop_scale,
+                                   start_n, CAUSAL, F32, MASK_KIND, DROPOUT, BLOCK_M, BLOCK_N)
         if F32:
             dq += tl.dot(ds.to(q.dtype), tl.trans(kt), input_precision="tf32x3")
         else:
@@ -255,7 +324,8 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
 HEAD_DIM_CLASSES = (64, 128, 256)
 
 # CONFIGS[kind][arch][head-dim class] for float16 / bfloat16; kind "fwd" for the forward
-# kernel, "bwd" for both backward kernels (dK/dV and dQ keep more tiles live, so they need
+# kernel, "bwd" for both backward kernels, "*_masked" when a mask, key lengths or dropout
+# is on (dK/dV and dQ keep more tiles live, so they need
 # smaller blocks or more warps). Ampere (sm_80): 163 KiB shared memory per block, mma.sync.
 # Hopper (sm_90): 227 KiB, wgmma (a warpgroup of 4 warps, M >= 64). Configs that spilled in
 # kernels/aot.py were removed. One exception to "wgmma on sm_90" is kept and tested as
@@ -272,8 +342,21 @@ CONFIGS = {
         80: {64: [(64, 64, 8, 2), (32, 64, 4, 2), (64, 32, 4, 2)], 128: [(32, 32, 4, 2)], 256: [(32, 32, 8, 1)]},
         90: {64: [(64, 64, 4, 2), (128, 64, 8, 3)], 128: [(64, 64, 8, 2)], 256: [(32, 32, 8, 1)]},
     },
+    # With any optional feature on (attn_mask, key lengths, dropout): the mask tile and the
+    # Philox words are live next to the score tile, and the plain configs spill. These
+    # were chosen with kernels/aot.py at the heaviest variant (every feature on, boolean
+    # and additive masks); a narrower BLOCK_N or more warps keeps them spill-free.
+    "fwd_masked": {
+        80: {64: [(64, 32, 8, 2), (32, 32, 4, 2)], 128: [(32, 32, 8, 1), (64, 16, 8, 1)],
+             256: [(64, 32, 8, 2), (16, 16, 4, 1)]},
+        90: {64: [(64, 32, 8, 2), (128, 32, 8, 2)], 128: [(64, 32, 8, 2), (64, 16, 8, 1)], 256: [(64, 16, 8, 1)]},
+    },
+    "bwd_masked": {
+        80: {64: [(32, 32, 4, 2), (64, 32, 8, 2)], 128: [(32, 32, 8, 1)], 256: [(16, 16, 4, 1)]},
+        90: {64: [(64, 32, 8, 2), (64, 32, 4, 2)], 128: [(64, 16, 8, 1)], 256: [(16, 16, 4, 1)]},
+    },
 }
-NO_WGMMA = {("bwd", 90, 256)}
+NO_WGMMA = {("bwd", 90, 256), ("bwd_masked", 90, 256)}
 
 
 def head_dim_class(d: int) -> int:
@@ -288,6 +371,7 @@ def _pow2(n: int) -> int:
 
 
 def _configs_for(kind: str, device: torch.device, d: int):
+    """kind: "fwd", "bwd", "fwd_masked" or "bwd_masked"."""
     if device.type != "cuda":
         return CONFIGS[kind][90][head_dim_class(d)][:1]
     major, _ = torch.cuda.get_device_capability(device)
@@ -297,9 +381,9 @@ def _configs_for(kind: str, device: torch.device, d: int):
 _TUNED: dict = {}
 
 
-def _best_config(kind: str, device, key: tuple, run) -> tuple:
+def _best_config(kind: str, device, key: tuple, run, masked: bool = False) -> tuple:
     """The fastest config for ``key`` (timed once per key on a GPU), or the fixed one."""
-    configs = _configs_for("fwd" if kind == "fwd" else "bwd", device, key[0])
+    configs = _configs_for(("fwd" if kind == "fwd" else "bwd") + ("_masked" if masked else ""), device, key[0])
     if device.type != "cuda" or len(configs) == 1:
         return configs[0]
     k = (kind, torch.cuda.get_device_capability(device)) + key
@@ -325,8 +409,36 @@ def _prep(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def forward(q, k, v, causal: bool, bottom_right: bool, scale: float):
-    """Returns (out (B, H, Lq, Dv) in q's dtype, lse (B, H, Lq) fp32)."""
+def _extras(q, k, attn_mask, key_lengths, dropout_p, rng_state) -> tuple[list, list, dict]:
+    """The kernels' optional arguments: pointers (M, KL), mask strides, dropout scalars, flags."""
+    B, H, Lq, Lk = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+    mask_kind, strides = 0, [0, 0, 0, 0]
+    if attn_mask is not None:
+        assert attn_mask.dim() == 4 and all(a in (1, f) for a, f in zip(attn_mask.shape, (B, H, Lq, Lk)))
+        mask_kind = 1 if attn_mask.dtype == torch.bool else 2
+        strides = [0 if n == 1 else st for n, st in zip(attn_mask.shape, attn_mask.stride())]
+    seed = offset = threshold = 0
+    drop_scale = 1.0
+    if dropout_p > 0.0:
+        from seqkernels.reference.philox import dropout_threshold
+
+        seed, offset = (int(x) for x in rng_state.tolist())
+        threshold, drop_scale = dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p)
+    pointers = [attn_mask if attn_mask is not None else q, key_lengths if key_lengths is not None else q]
+    flags = dict(MASK_KIND=mask_kind, HAS_LENGTHS=key_lengths is not None, DROPOUT=dropout_p > 0.0)
+    return pointers, strides, [seed, offset, threshold, drop_scale], flags
+
+
+def _any(flags: dict) -> bool:
+    return bool(flags["MASK_KIND"] or flags["HAS_LENGTHS"] or flags["DROPOUT"])
+
+
+def forward(q, k, v, causal: bool, bottom_right: bool, scale: float, attn_mask=None, key_lengths=None,
+            dropout_p: float = 0.0, rng_state=None):
+    """Returns (out (B, H, Lq, Dv) in q's dtype, lse (B, H, Lq) fp32).
+
+    attn_mask: 4-D, each dim 1 or full, bool or additive; key_lengths: (B,) int64;
+    dropout_p with rng_state = [seed, offset] (a CPU int64 tensor)."""
     from seqkernels.testing import poisoned_empty
 
     q, k, v = _prep(q), _prep(k), _prep(v)
@@ -336,21 +448,24 @@ def forward(q, k, v, causal: bool, bottom_right: bool, scale: float):
     lse = poisoned_empty(B, H, Lq, dtype=torch.float32, device=q.device)
     offset = Lk - Lq if bottom_right else 0
     f32 = q.dtype == torch.float32
+    pointers, mstrides, drop, flags = _extras(q, k, attn_mask, key_lengths, dropout_p, rng_state)
 
     def run(cfg):
         bm, bn, warps, stages = cfg
         grid = (triton.cdiv(Lq, bm), B * H)
-        _attn_fwd[grid](q, k, v, out, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
-                        H, H // Hk, Lq, Lk, D, DV, offset, scale * LOG2E,
+        _attn_fwd[grid](q, k, v, out, lse, *pointers, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+                        *out.stride()[:3], *mstrides, H, H // Hk, Lq, Lk, D, DV, offset, scale * LOG2E, *drop,
                         CAUSAL=bool(causal), BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(DV),
-                        F32=f32, num_warps=warps, num_stages=stages)
+                        F32=f32, num_warps=warps, num_stages=stages, **flags)
 
-    run(_best_config("fwd", q.device, _tune_key(q, k, v, causal), run))
+    run(_best_config("fwd", q.device, _tune_key(q, k, v, causal) + tuple(flags.values()), run, _any(flags)))
     return out, lse
 
 
-def backward(grad_out, grad_lse, q, k, v, out, lse, causal: bool, bottom_right: bool, scale: float):
-    """Returns (dq, dk, dv) in the dtypes of q, k, v."""
+def backward(grad_out, grad_lse, q, k, v, out, lse, causal: bool, bottom_right: bool, scale: float,
+             attn_mask=None, key_lengths=None, dropout_p: float = 0.0, rng_state=None):
+    """Returns (dq, dk, dv) in the dtypes of q, k, v. The optional arguments must be the
+    forward's."""
     from seqkernels.testing import poisoned_empty
 
     q, k, v, out, do = _prep(q), _prep(k), _prep(v), _prep(out), _prep(grad_out.to(q.dtype))
@@ -368,24 +483,27 @@ def backward(grad_out, grad_lse, q, k, v, out, lse, causal: bool, bottom_right: 
     dv = poisoned_empty(v.shape, dtype=v.dtype, device=v.device)
     offset = Lk - Lq if bottom_right else 0
     f32 = q.dtype == torch.float32
-    common = dict(CAUSAL=bool(causal), BLOCK_D=_pow2(D), BLOCK_DV=_pow2(DV), F32=f32)
-    key = _tune_key(q, k, v, causal)
+    pointers, mstrides, drop, flags = _extras(q, k, attn_mask, key_lengths, dropout_p, rng_state)
+    common = dict(CAUSAL=bool(causal), BLOCK_D=_pow2(D), BLOCK_DV=_pow2(DV), F32=f32, **flags)
+    key = _tune_key(q, k, v, causal) + tuple(flags.values())
 
     def run_dkdv(cfg):
         bm, bn, warps, stages = cfg
         _attn_bwd_dkdv[(triton.cdiv(Lk, bn), B * Hk)](
-            q, k, v, do, lse, delta, dk, dv, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
-            *dk.stride()[:3], *dv.stride()[:3], H, Hk, H // Hk, Lq, Lk, D, DV, offset, scale * LOG2E, scale,
+            q, k, v, do, lse, delta, dk, dv, *pointers, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+            *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3], *mstrides, H, Hk, H // Hk, Lq, Lk, D, DV, offset,
+            scale * LOG2E, scale, *drop,
             BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **common)
 
     def run_dq(cfg):
         bm, bn, warps, stages = cfg
         _attn_bwd_dq[(triton.cdiv(Lq, bm), B * H)](
-            q, k, v, do, lse, delta, dq, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
-            *dq.stride()[:3], H, H // Hk, Lq, Lk, D, DV, offset, scale * LOG2E, scale,
+            q, k, v, do, lse, delta, dq, *pointers, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+            *do.stride()[:3], *dq.stride()[:3], *mstrides, H, H // Hk, Lq, Lk, D, DV, offset, scale * LOG2E, scale,
+            *drop,
             BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **common)
 
-    run_dkdv(_best_config("dkdv", q.device, key, run_dkdv))
-    run_dq(_best_config("dq", q.device, key, run_dq))
+    run_dkdv(_best_config("dkdv", q.device, key, run_dkdv, _any(flags)))
+    run_dq(_best_config("dq", q.device, key, run_dq, _any(flags)))
     return dq, dk, dv
 

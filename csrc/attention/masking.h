@@ -6,11 +6,13 @@
 // Dropout uses Philox4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2,
 // 3", SC 2011), a counter-based generator: the keep/drop decision of score (b, h, i, j)
 // is a pure function of (seed, offset, index), recomputed in the backward, never stored.
-// Element n = offset + ((b * H + h) * Lq + i) * Lk + j uses output word n % 4 of the
-// Philox block with counter (n / 4 as two 32-bit words, 0, 0) and key (seed low word,
-// seed high word): the same stream as Triton's tl.randint4x(seed, n / 4), so the CPU
-// kernel, the Triton kernels and seqkernels.ops.attention.dropout_keep_mask agree
-// bit for bit. A score is kept when its word is >= threshold = round(p * 2^32).
+// Row r = (b * H + h) * Lq + i owns ceil(Lk / 4) consecutive Philox blocks from
+// offset + r * ceil(Lk / 4): key j uses word j % 4 of block offset + r * ceil(Lk / 4) + j / 4.
+// A block is Philox4x32-10 with counter (block number as two 32-bit words, low first, 0, 0)
+// and key (seed low word, seed high word): the stream of Triton's tl.randint4x(seed, block),
+// so the CPU kernel, the Triton kernels and seqkernels.reference.dropout_keep_mask agree
+// bit for bit. Four keys per block, aligned to the row start, let a tile draw one block per
+// four scores. A score is kept when its word is >= threshold = round(p * 2^32).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -132,12 +134,12 @@ struct Masking {
   // The dropout multipliers of row i, keys [j0, j0 + cols): 0 (dropped) or 1 / (1 - p).
   void dropout_row(scalar_t* z, int64_t b, int64_t h, int64_t i, int64_t j0, int64_t cols) const {
     const scalar_t kept = scalar_t(1.0 / (1.0 - dropout_p));
-    const uint64_t first = rng_offset + static_cast<uint64_t>(((b * H + h) * Lq + i) * Lk + j0);
+    const uint64_t row_block = rng_offset + static_cast<uint64_t>(((b * H + h) * Lq + i) * ((Lk + 3) / 4));
     int64_t j = 0;
-    uint64_t n = first;
     while (j < cols) {
-      const Philox4 r = philox4x32_10(n >> 2, seed);
-      for (int lane = static_cast<int>(n & 3); lane < 4 && j < cols; ++lane, ++j, ++n) {
+      const int64_t key = j0 + j;
+      const Philox4 r = philox4x32_10(row_block + static_cast<uint64_t>(key / 4), seed);
+      for (int lane = static_cast<int>(key % 4); lane < 4 && j < cols; ++lane, ++j) {
         z[j] = r.v[lane] >= threshold ? kept : scalar_t(0);
       }
     }

@@ -3,7 +3,8 @@
 Runs ``python -m seqkernels.kernels.aot --json`` in a subprocess (the kernels cannot be
 compiled while TRITON_INTERPRET=1, which the rest of the suite sets) and checks for sm_80
 and sm_90, for the forward and both backward kernels, every config of
-``flash_attention.CONFIGS`` at the largest head dim of its class, float16, causal and not:
+``flash_attention.CONFIGS`` at the largest head dim of its class, float16, causal and not,
+and causal with every optional feature on (boolean mask, key lengths, dropout):
 
 - shared memory fits the device (A100: 163 KiB, H100: 227 KiB per block);
 - no register spills (stack frame and local memory of the cubin are zero, as read by the
@@ -36,14 +37,20 @@ def _report():
 
 
 def _label(r):
-    return f"{r['kernel']} sm_{r['arch']} head dim {r['head_dim']} config {tuple(r['config'])} causal={r['causal']}"
+    return (f"{r['kernel']} sm_{r['arch']} head dim {r['head_dim']} config {tuple(r['config'])} causal={r['causal']} "
+            f"mask={r['mask'] or '-'}")
 
 
 def test_every_config_is_compiled():
     rows = _report()
-    expected = sum(len(cfgs) * 2 for kind, kernels in (("fwd", 1), ("bwd", 2)) for _ in range(kernels)
-                   for arch in (80, 90) for cfgs in K.CONFIGS[kind][arch].values())
+    from seqkernels.kernels.aot import MASKED_VARIANTS, VARIANTS
+
+    expected = sum(len(cfgs) * len(variants) * kernels
+                   for kind, kernels in (("fwd", 1), ("bwd", 2))
+                   for suffix, variants in (("", VARIANTS), ("_masked", MASKED_VARIANTS))
+                   for arch in (80, 90) for cfgs in K.CONFIGS[kind + suffix][arch].values())
     assert len(rows) == expected
+    assert {r["mask"] for r in rows} == {"", "bool", "add"}
 
 
 def test_shared_memory_fits():
@@ -66,7 +73,7 @@ def test_wgmma_on_hopper():
 
 
 def test_every_head_dim_class_has_a_config():
-    for kind in ("fwd", "bwd"):
+    for kind in ("fwd", "bwd", "fwd_masked", "bwd_masked"):
         for arch in (80, 90):
             assert set(K.CONFIGS[kind][arch]) == set(K.HEAD_DIM_CLASSES)
             assert all(K.CONFIGS[kind][arch][d] for d in K.HEAD_DIM_CLASSES)

@@ -111,3 +111,113 @@ def test_gpu_full_size_through_the_op(dtype, causal, D):
         testing.assert_close(a, e, dtype, 10)
     again = torch.autograd.grad(seqkernels.flash_attention(q, k, v, causal=causal), (q, k, v), go)
     assert all(torch.equal(a, b) for a, b in zip(ga, again))
+
+
+# --- masks, key lengths, dropout (the *_masked configs) --------------------------------------
+
+def _run_masked(B, H, Hk, Lq, Lk, D, causal, bottom_right, dtype, mask=None, key_lengths=None, dropout_p=0.0,
+                device=DEVICE, tol=None):
+    """The kernels with the optional inputs against the float64 reference with the same
+    mask, lengths and Philox dropout mask (seed 1234, offset 8)."""
+    g = torch.Generator().manual_seed(Lq * 1000 + Lk + 7)
+    mk = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    q64, k64, v64 = mk(B, H, Lq, D), mk(B, Hk, Lk, D), mk(B, Hk, Lk, D)
+    q, k, v = (t.to(device, dtype) for t in (q64, k64, v64))
+    scale = 1 / math.sqrt(D)
+    dmask = mask
+    if mask is not None and mask.dtype != torch.bool:
+        dmask = mask.to(dtype)
+    args = dict(attn_mask=None if dmask is None else dmask.to(device),
+                key_lengths=None if key_lengths is None else key_lengths.to(device),
+                dropout_p=dropout_p, rng_state=torch.tensor([1234, 8]))
+    out, lse = K.forward(q, k, v, causal, bottom_right, scale, **args)
+    keep = ref.dropout_keep_mask((B, H, Lq, Lk), dropout_p, 1234, 8) if dropout_p else None
+    qr, kr, vr = (t.to(dtype).double().requires_grad_() for t in (q64, k64, v64))
+    rmask = None if dmask is None else (dmask if dmask.dtype == torch.bool else dmask.double())
+    out_e, lse_e = ref.flash_attention(qr, kr, vr, causal=causal, scale=scale, bottom_right=bottom_right,
+                                       attn_mask=rmask, key_lengths=key_lengths, dropout_p=dropout_p,
+                                       dropout_mask=keep)
+    go64 = mk(B, H, Lq, D)
+    ge = torch.autograd.grad(out_e, (qr, kr, vr), go64)
+    ga = K.backward(go64.to(device, dtype), None, q, k, v, out, lse, causal, bottom_right, scale, **args)
+    tol = tol or (4 if dtype == torch.float32 else 2)
+    testing.assert_close(out, out_e, dtype, tol, "out")
+    fin = torch.isfinite(lse_e)
+    assert torch.equal(torch.isfinite(lse).cpu(), fin), "rows without keys must have LSE -inf"
+    for name, a, e in zip(("dq", "dk", "dv"), ga, ge):
+        testing.assert_close(a, e, dtype, tol * 5, name)
+
+
+MASKS = {
+    "bool-full": lambda B, H, Lq, Lk: torch.rand(B, H, Lq, Lk, generator=torch.Generator().manual_seed(1)) > 0.3,
+    "bool-padding": lambda B, H, Lq, Lk: (torch.arange(Lk) < torch.tensor([Lk, Lk // 3 + 1])[:B, None]
+                                          ).reshape(B, 1, 1, Lk),
+    "bool-rows": lambda B, H, Lq, Lk: (torch.rand(1, 1, Lq, 1, generator=torch.Generator().manual_seed(2)) > 0.2
+                                       ),
+    "float-heads": lambda B, H, Lq, Lk: torch.randn(1, H, 1, Lk, generator=torch.Generator().manual_seed(3),
+                                                    dtype=torch.float64),
+    "float-full": lambda B, H, Lq, Lk: torch.randn(B, 1, Lq, Lk, generator=torch.Generator().manual_seed(4),
+                                                   dtype=torch.float64),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mask", list(MASKS))
+@pytest.mark.parametrize("causal", [False, True])
+def test_attn_mask(dtype, mask, causal):
+    B, H, Lq, Lk = 2, 4, 37, 71
+    _run_masked(B, H, 2, Lq, Lk, 32, causal, True, dtype, mask=MASKS[mask](B, H, Lq, Lk))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("causal,bottom_right", [(False, True), (True, True), (True, False)])
+def test_key_lengths(dtype, causal, bottom_right):
+    _run_masked(3, 4, 1, 45, 83, 16, causal, bottom_right, dtype, key_lengths=torch.tensor([83, 20, 0]))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("causal", [False, True])
+def test_dropout_shares_the_philox_stream(dtype, causal):
+    _run_masked(2, 2, 2, 33, 71, 16, causal, True, dtype, dropout_p=0.3)
+
+
+@pytest.mark.parametrize("D", [64, 128, 256])
+def test_everything_at_once_per_head_dim_class(D):
+    """Mask, key lengths, dropout and GQA together, at each head-dim class's masked config."""
+    B, H, Lq, Lk = 2, 4, 23, 41
+    _run_masked(B, H, 2, Lq, Lk, D, True, True, DTYPES[0], mask=MASKS["bool-full"](B, H, Lq, Lk),
+                key_lengths=torch.tensor([41, 30]), dropout_p=0.2)
+
+
+def test_masked_backward_is_deterministic():
+    q, k, v = (torch.randn(2, 4, 70, 16, device=DEVICE, dtype=DTYPES[0]) for _ in range(3))
+    args = dict(attn_mask=(torch.rand(2, 1, 70, 70) > 0.3).to(DEVICE), key_lengths=torch.tensor([70, 33], device=DEVICE),
+                dropout_p=0.25, rng_state=torch.tensor([5, 0]))
+    out, lse = K.forward(q, k, v, True, True, 0.25, **args)
+    go = torch.randn_like(out)
+    first = K.backward(go, None, q, k, v, out, lse, True, True, 0.25, **args)
+    again = K.backward(go, None, q, k, v, out, lse, True, True, 0.25, **args)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("D", [64, 128])
+def test_gpu_masked_sdpa_full_size(dtype, D):
+    """The SDPA drop-in on CUDA with a padding mask, causal off, and dropout, at full size."""
+    import seqkernels
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 8, 1031, D, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
+    pad = (torch.arange(1031, device="cuda") < torch.tensor([1031, 500], device="cuda")[:, None])[:, None, None]
+    out = seqkernels.scaled_dot_product_attention(q, k, v, attn_mask=pad)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    exp = ref.scaled_dot_product_attention(q64, k64, v64, attn_mask=pad)
+    testing.assert_close(out, exp, dtype, 2)
+    go = torch.randn_like(out)
+    ga = torch.autograd.grad(out, (q, k, v), go)
+    ge = torch.autograd.grad(exp, (q64, k64, v64), go.double())
+    for a, e in zip(ga, ge):
+        testing.assert_close(a, e, dtype, 10)
+    _run_masked(2, 8, 2, 1031, 2053, D, True, True, dtype, mask=MASKS["bool-full"](2, 8, 1031, 2053),
+                key_lengths=torch.tensor([2053, 999]), dropout_p=0.1, tol=3)

@@ -72,11 +72,11 @@ torch.library.register_autograd("seqkernels::flash_attention_forward", _backward
 
 
 # --- CUDA body -------------------------------------------------------------------------------
-# The Triton kernels (kernels/flash_attention.py) for float16 and bfloat16 without masks
-# or dropout. Everything else on CUDA runs the materialized math below in the input dtype
-# (O(Lq * Lk) memory): no float32 Triton config compiles without register spills for
-# every head dim yet (see kernels/aot.py), float64 on a GPU is for gradcheck, and the
-# Triton kernels do not read masks, key lengths or dropout yet.
+# The Triton kernels (kernels/flash_attention.py) for float16 and bfloat16, masks, key
+# lengths and dropout included. float32 and float64 on CUDA run the materialized math
+# below in their dtype (O(Lq * Lk) memory, the same Philox dropout mask): no float32
+# Triton config compiles without register spills for every head dim yet (see
+# kernels/aot.py), and float64 on a GPU is for gradcheck.
 
 _TRITON_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -87,8 +87,8 @@ def _triton():
     return kernels
 
 
-def _use_triton(q, attn_mask, key_lengths, dropout_p) -> bool:
-    return q.dtype in _TRITON_DTYPES and attn_mask is None and key_lengths is None and dropout_p == 0.0
+def _use_triton(q) -> bool:
+    return q.dtype in _TRITON_DTYPES
 
 
 def _keep_mask(q, k, dropout_p, rng_state) -> Optional[Tensor]:
@@ -109,16 +109,17 @@ def _materialized(q, k, v, causal, bottom_right, scale, attn_mask, key_lengths, 
 @torch.library.impl("seqkernels::flash_attention_forward", "CUDA")
 def _fwd_cuda(q, k, v, causal, bottom_right, scale, attn_mask=None, key_lengths=None, dropout_p=0.0,
               rng_state=None):
-    if _use_triton(q, attn_mask, key_lengths, dropout_p):
-        return _triton().forward(q, k, v, causal, bottom_right, scale)
+    if _use_triton(q):
+        return _triton().forward(q, k, v, causal, bottom_right, scale, attn_mask, key_lengths, dropout_p, rng_state)
     return _materialized(q, k, v, causal, bottom_right, scale, attn_mask, key_lengths, dropout_p, rng_state)
 
 
 @torch.library.impl("seqkernels::flash_attention_backward", "CUDA")
 def _bwd_cuda(grad_out, grad_lse, q, k, v, out, lse, causal, bottom_right, scale, attn_mask=None,
               key_lengths=None, dropout_p=0.0, rng_state=None):
-    if _use_triton(q, attn_mask, key_lengths, dropout_p):
-        return _triton().backward(grad_out, grad_lse, q, k, v, out, lse, causal, bottom_right, scale)
+    if _use_triton(q):
+        return _triton().backward(grad_out, grad_lse, q, k, v, out, lse, causal, bottom_right, scale, attn_mask,
+                                  key_lengths, dropout_p, rng_state)
     with torch.enable_grad():
         qw, kw, vw = (t.detach().requires_grad_() for t in (q, k, v))
         o, l = _materialized(qw, kw, vw, causal, bottom_right, scale, attn_mask, key_lengths, dropout_p,

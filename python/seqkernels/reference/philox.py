@@ -5,11 +5,12 @@ SC 2011) is a counter-based generator: block ``counter`` under key ``seed`` give
 32-bit words, with no state carried between blocks. That is what lets the attention
 kernels regenerate the dropout mask of any tile in the backward instead of storing it.
 
-The convention (the same in ``csrc/attention/masking.h`` and ``kernels/``): score
-(b, h, i, j) of a (B, H, Lq, Lk) problem has index n = offset + ((b*H + h)*Lq + i)*Lk + j
-and uses word n % 4 of the block with counter n // 4 (low word first, then the high
-word, then two zero words) and key (seed low word, seed high word); it is kept when the
-word is >= round(p * 2**32). This module computes it with int64 tensor arithmetic, an
+The convention (the same in ``csrc/attention/masking.h`` and ``kernels/``): in a
+(B, H, Lq, Lk) problem, row r = (b*H + h)*Lq + i owns the ceil(Lk/4) blocks from
+offset + r*ceil(Lk/4), and score (b, h, i, j) uses word j % 4 of block
+offset + r*ceil(Lk/4) + j // 4. A block is the Philox output for the counter (block number:
+low word, high word, then two zero words) and key (seed low word, seed high word). The
+score is kept when its word is >= round(p * 2**32). This module computes it with int64 tensor arithmetic, an
 implementation independent of the kernels', so the tests can check them against it.
 """
 
@@ -58,9 +59,12 @@ def dropout_threshold(p: float) -> int:
 def dropout_keep_mask(shape: tuple[int, int, int, int], p: float, seed: int, offset: int = 0,
                       device=None) -> Tensor:
     """Boolean (B, H, Lq, Lk) mask, True where the kernels keep a probability under dropout p."""
-    n = torch.arange(int(torch.Size(shape).numel()), dtype=torch.int64, device=device) + offset
-    words = philox4x32_10(n >> 2, seed)
-    lane = n & 3
+    lk = shape[-1]
+    rows = torch.arange(int(torch.Size(shape[:-1]).numel()), dtype=torch.int64, device=device)
+    cols = torch.arange(lk, dtype=torch.int64, device=device)
+    block = offset + rows[:, None] * ((lk + 3) // 4) + cols[None, :] // 4
+    words = philox4x32_10(block.reshape(-1), seed)
+    lane = (cols % 4).expand(rows.shape[0], lk).reshape(-1)
     word = torch.where(lane == 0, words[0], torch.where(lane == 1, words[1],
                                                         torch.where(lane == 2, words[2], words[3])))
     return (word >= dropout_threshold(p)).reshape(shape)
