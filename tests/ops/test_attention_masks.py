@@ -246,6 +246,17 @@ def test_opcheck_with_the_new_arguments():
                                                               *args[3:]))
 
 
+def test_opcheck_with_strided_inputs():
+    """Heads as transposed views (how MultiheadAttention passes them): the fake kernels must
+    describe the kernels' contiguous outputs, or compiled backward graphs break."""
+    x = torch.randn(2, 9, 3, 8, dtype=torch.float64)
+    q = k = v = x.transpose(1, 2)
+    args = (q, k, v, False, True, 0.3, torch.rand(2, 1, 1, 9) > 0.3, None, 0.0, None)
+    torch.library.opcheck(OPS.flash_attention_forward, args)
+    out, lse = OPS.flash_attention_forward(*args)
+    torch.library.opcheck(OPS.flash_attention_backward, (torch.randn_like(out), None, q, k, v, out, lse, *args[3:]))
+
+
 def test_torch_compile_with_mask_and_dropout():
     q, k, v = make(2, 2, 2, 17, 19, 8, dtype=torch.float32)
     mask = torch.rand(2, 1, 17, 19) > 0.3

@@ -43,7 +43,8 @@ def _fwd_fake(q, k, v, causal, bottom_right, scale, attn_mask=None, key_lengths=
 @torch.library.register_fake("seqkernels::flash_attention_backward")
 def _bwd_fake(grad_out, grad_lse, q, k, v, out, lse, causal, bottom_right, scale, attn_mask=None,
               key_lengths=None, dropout_p=0.0, rng_state=None):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    # the kernels return contiguous gradients whatever the inputs' strides
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 # --- autograd --------------------------------------------------------------------------------
@@ -129,7 +130,7 @@ def _bwd_cuda(grad_out, grad_lse, q, k, v, out, lse, causal, bottom_right, scale
         if grad_lse is not None:
             outs.append(torch.where(finite, l, torch.zeros_like(l)))
             grads.append(grad_lse.to(l.dtype))
-        return torch.autograd.grad(outs, (qw, kw, vw), grads)
+        return tuple(g.contiguous() for g in torch.autograd.grad(outs, (qw, kw, vw), grads))
 
 
 # --- argument checks -------------------------------------------------------------------------
