@@ -209,4 +209,69 @@ inline void scale_row(scalar_t* x, int64_t n, scalar_t a) {
   at::vec::map([a](Vec v) { return v * Vec(a); }, x, x, n);
 }
 
+// dst (cols x rows) = src (rows x cols)^T, both contiguous, in 32 x 32 tiles (each read and
+// written within L1), parallel over column blocks.
+template <typename scalar_t>
+inline void transpose(const scalar_t* src, int64_t rows, int64_t cols, scalar_t* dst) {
+  constexpr int64_t kT = 32;
+  at::parallel_for(0, (cols + kT - 1) / kT, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t cb = c0 * kT; cb < std::min(cols, c1 * kT); cb += kT) {
+      const int64_t ce = std::min(cols, cb + kT);
+      for (int64_t rb = 0; rb < rows; rb += kT) {
+        const int64_t re = std::min(rows, rb + kT);
+        for (int64_t c = cb; c < ce; ++c) {
+          for (int64_t r = rb; r < re; ++r) dst[c * rows + r] = src[r * cols + c];
+        }
+      }
+    }
+  });
+}
+
+// out[b * ldo + r] = dot(w[r, :], x[b * ldx, :]) for rows r < rows and batch rows b < NB,
+// w row-major (rows x k). Four rows of w at a time, each read once for all NB batch rows:
+// the matrix-vector product of a small-batch recurrent step, bound by reading w.
+template <int NB>
+inline void gemv_rows_nb(const float* w, int64_t rows, int64_t k, const float* x, int64_t ldx, float* out,
+                         int64_t ldo) {
+  using Vec = at::vec::Vectorized<float>;
+  constexpr int64_t V = Vec::size();
+  constexpr int kR = 4;
+  for (int64_t r = 0; r < rows; r += kR) {
+    const int nr = static_cast<int>(std::min<int64_t>(kR, rows - r));
+    const float* wr[kR];
+    for (int i = 0; i < kR; ++i) wr[i] = w + (r + std::min(i, nr - 1)) * k;  // short tail: repeat a row
+    Vec acc[kR][NB];
+    for (int i = 0; i < kR; ++i) {
+      for (int b = 0; b < NB; ++b) acc[i][b] = Vec(0.f);
+    }
+    int64_t j = 0;
+    for (; j + V <= k; j += V) {
+      Vec wv[kR];
+      for (int i = 0; i < kR; ++i) wv[i] = Vec::loadu(wr[i] + j);
+      for (int b = 0; b < NB; ++b) {
+        const Vec xv = Vec::loadu(x + b * ldx + j);
+        for (int i = 0; i < kR; ++i) acc[i][b] = at::vec::fmadd(wv[i], xv, acc[i][b]);
+      }
+    }
+    for (int i = 0; i < nr; ++i) {
+      for (int b = 0; b < NB; ++b) {
+        float sum = at::vec::vec_reduce_all<float>([](Vec p, Vec q) { return p + q; }, acc[i][b]);
+        for (int64_t jj = j; jj < k; ++jj) sum += wr[i][jj] * x[b * ldx + jj];
+        out[b * ldo + r + i] = sum;
+      }
+    }
+  }
+}
+
+inline void gemv_rows(const float* w, int64_t rows, int64_t k, const float* x, int64_t batch, int64_t ldx,
+                      float* out, int64_t ldo) {
+  switch (batch) {
+    case 1: return gemv_rows_nb<1>(w, rows, k, x, ldx, out, ldo);
+    case 2: return gemv_rows_nb<2>(w, rows, k, x, ldx, out, ldo);
+    case 3: return gemv_rows_nb<3>(w, rows, k, x, ldx, out, ldo);
+    case 4: return gemv_rows_nb<4>(w, rows, k, x, ldx, out, ldo);
+    default: TORCH_CHECK(false, "gemv_rows: batch ", batch, " is above 4");
+  }
+}
+
 }  // namespace seqkernels::cpu

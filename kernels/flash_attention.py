@@ -44,6 +44,10 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
+# float32 inputs: the products run as true fp32 FMAs ("ieee"). TF32 tensor cores would be
+# faster but round the inputs to 10 mantissa bits; "tf32x3" (three TF32 products) is
+# accurate but keeps the split operands live and spilled registers in every masked config.
+F32_PRECISION = tl.constexpr("ieee")
 LN2 = 0.6931471805599453
 
 
@@ -158,7 +162,7 @@ def _attn_fwd(Q, K, V, O, LSE, M, KL,
         cols = start_n + offs_n
         k = _load_rows_t(k_base, cols, Lk, skn, offs_d, D)  # (BLOCK_D, BLOCK_N)
         if F32:
-            s = tl.dot(q, k, input_precision="tf32x3")
+            s = tl.dot(q, k, input_precision=F32_PRECISION)
         else:
             s = tl.dot(q, k)
         s = _mask_scores(s * qk_scale, b, h, offs_m, cols, Lq, Lk, kl, offset, M, smb, smh, smm, smn,
@@ -174,7 +178,7 @@ def _attn_fwd(Q, K, V, O, LSE, M, KL,
         v = _load_rows(v_base, cols, Lk, svn, offs_dv, DV)
         acc = acc * alpha[:, None]
         if F32:
-            acc += tl.dot(p.to(v.dtype), v, input_precision="tf32x3")
+            acc += tl.dot(p.to(v.dtype), v, input_precision=F32_PRECISION)
         else:
             acc += tl.dot(p.to(v.dtype), v)
         m_i = m_new
@@ -211,13 +215,13 @@ def _probs_and_dscores(q, k, v, do, lse2, delta, b, h, bh, rows, cols, Lq, Lk, k
     """For one tile: the probabilities as the output used them (P, or P * Z with the dropout
     multipliers Z) and dS = P * (dO V^T * Z - delta)."""
     if F32:
-        s = tl.dot(q, k, input_precision="tf32x3")
+        s = tl.dot(q, k, input_precision=F32_PRECISION)
     else:
         s = tl.dot(q, k)
     s = _mask_scores(s * qk_scale, b, h, rows, cols, Lq, Lk, kl, offset, M, smb, smh, smm, smn, CAUSAL, MASK_KIND)
     p = tl.exp2(s - lse2[:, None])  # exactly 0 where s = -inf
     if F32:
-        dp = tl.dot(do, v, input_precision="tf32x3")
+        dp = tl.dot(do, v, input_precision=F32_PRECISION)
     else:
         dp = tl.dot(do, v)
     if DROPOUT:
@@ -265,8 +269,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV_, M, KL,
                                        M, smb, smh, smm, smn, seed, rng_offset, threshold, drop_scale,
                                        pid_n * BLOCK_N, CAUSAL, F32, MASK_KIND, DROPOUT, BLOCK_M, BLOCK_N)
             if F32:
-                dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision="tf32x3")
-                dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision="tf32x3")
+                dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=F32_PRECISION)
+                dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=F32_PRECISION)
             else:
                 dv += tl.dot(tl.trans(p.to(do.dtype)), do)
                 dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
@@ -308,7 +312,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, M, KL,
                                    M, smb, smh, smm, smn, seed, rng_offset, threshold, drop_scale,
                                    start_n, CAUSAL, F32, MASK_KIND, DROPOUT, BLOCK_M, BLOCK_N)
         if F32:
-            dq += tl.dot(ds.to(q.dtype), tl.trans(kt), input_precision="tf32x3")
+            dq += tl.dot(ds.to(q.dtype), tl.trans(kt), input_precision=F32_PRECISION)
         else:
             dq += tl.dot(ds.to(q.dtype), tl.trans(kt))
     tl.store(DQ + b * sdqb + h * sdqh + rows[:, None] * sdqm + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),

@@ -170,12 +170,27 @@ struct CudaBackend {
 
   static at::Tensor mm(const at::Tensor& a, const at::Tensor& b) { return at::mm(a, b); }
 
+  // dZ^T x, dZ^T h_prev and the bias gradient (cuBLAS takes the transposes as they are).
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor> weight_grads(const at::Tensor& dz2, const at::Tensor& x2,
+                                                                    const at::Tensor& hp2, bool has_bias) {
+    return {at::mm(dz2.t(), x2), at::mm(dz2.t(), hp2), has_bias ? dz2.sum(0) : at::empty({0}, dz2.options())};
+  }
+
   template <typename scalar_t>
   void lstm_pointwise_forward(const Layer& L, int64_t t, scalar_t* z, const scalar_t* zh, const scalar_t* bias,
                               const scalar_t* c_prev, const scalar_t* h_prev, scalar_t* c_t, scalar_t* out) {
     lstm_forward_kernel<scalar_t><<<blocks_for(L.B * L.H), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
         L.B, L.H, L.P, t, L.lengths, z, zh, bias, c_prev, h_prev, c_t, out);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+
+  // One LSTM step: the recurrent GEMM (cuBLAS), then the fused pointwise kernel.
+  template <typename scalar_t>
+  void lstm_step(const Layer& L, int64_t t, scalar_t* z, const scalar_t* h_prev, const scalar_t* w_hh,
+                 const scalar_t* bias, const scalar_t* c_prev, const scalar_t* h_prev_or_null, scalar_t* c_t,
+                 scalar_t* out, scalar_t* zh) {
+    const scalar_t* zh_t = matmul_nt<scalar_t>(L.B, 4 * L.H, L.P, h_prev, w_hh, zh);
+    lstm_pointwise_forward<scalar_t>(L, t, z, zh_t, bias, c_prev, h_prev_or_null, c_t, out);
   }
 
   template <typename scalar_t>

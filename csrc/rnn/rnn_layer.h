@@ -6,6 +6,7 @@
 //   forward   Z = X W_ih^T                one GEMM for all T steps (BK::input_projection)
 //             for each step t:  Zh = h_prev W_hh^T     (one GEMM)
 //                               fused pointwise pass on Z_t + Zh + b -> gates, c_t, h_t
+//                               (the LSTM's BK::lstm_step does both; a backend may fuse them)
 //                               (LSTMP: h_t = r_t W_hr^T, one more GEMM)
 //   backward  for each step, last to first:  fused pointwise pass -> dZ_t,
 //                               dh_prev = dZ_t W_hh (one GEMM)
@@ -89,19 +90,17 @@ template <class BK, typename scalar_t, class ZAt, class CAt, class RAt>
 void lstm_forward_loop(BK& bk, const Layer& L, const scalar_t* h0, const scalar_t* c0,
                        const scalar_t* w_hh, const scalar_t* bias, const scalar_t* w_hr,
                        ZAt&& z_at, CAt&& c_at, RAt&& r_at, scalar_t* zh, scalar_t* y, scalar_t* hs) {
-  const int64_t GH = 4 * L.H;
   for (int64_t s = 0; s < L.T; ++s) {
     const int64_t t = L.step_time(s);
     const scalar_t* h_prev = L.first(t) ? h0 : hs + L.prev_time(t) * L.B * L.P;
     const scalar_t* c_prev = L.first(t) ? c0 : c_at(L.prev_time(t));
     scalar_t* z = z_at(t);
     scalar_t* h_t = hs + t * L.B * L.P;
-    const scalar_t* zh_t = bk.template matmul_nt<scalar_t>(L.B, GH, L.P, h_prev, w_hh, zh);
     if (w_hr == nullptr) {
-      bk.template lstm_pointwise_forward<scalar_t>(L, t, z, zh_t, bias, c_prev, h_prev, c_at(t), h_t);
+      bk.template lstm_step<scalar_t>(L, t, z, h_prev, w_hh, bias, c_prev, h_prev, c_at(t), h_t, zh);
     } else {
       scalar_t* r_t = r_at(t);
-      bk.template lstm_pointwise_forward<scalar_t>(L, t, z, zh_t, bias, c_prev, nullptr, c_at(t), r_t);
+      bk.template lstm_step<scalar_t>(L, t, z, h_prev, w_hh, bias, c_prev, nullptr, c_at(t), r_t, zh);
       bk.template gemm<scalar_t>(Tr::N, Tr::T, L.B, L.P, L.H, 1, r_t, L.H, w_hr, L.H, 0, h_t, L.P);
       if (L.lengths) bk.template keep_state<scalar_t>(L, t, h_t, h_prev, L.P);
     }
@@ -293,9 +292,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   });
   const at::Tensor dz2 = dz.view({L.T * L.B, 4 * L.H});
   at::Tensor dx = BK::mm(dz2, w_ih).view({L.T, L.B, L.I});
-  at::Tensor dw_ih = BK::mm(dz2.t(), x.view({L.T * L.B, L.I}));
-  at::Tensor dw_hh = BK::mm(dz2.t(), previous_states(L, h0, hs).view({L.T * L.B, L.P}));
-  at::Tensor dbias = has_bias ? dz2.sum(0) : at::empty({0}, opt);
+  auto [dw_ih, dw_hh, dbias] = BK::weight_grads(dz2, x.view({L.T * L.B, L.I}),
+                                                previous_states(L, h0, hs).view({L.T * L.B, L.P}), has_bias);
   at::Tensor dw_hr = proj ? BK::mm(dhs.view({L.T * L.B, L.P}).t(), rs.view({L.T * L.B, L.H})) : at::empty({0}, opt);
   return {dx, dh0, dc, dw_ih, dw_hh, dbias, dw_hr};
 }
@@ -355,9 +353,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer
   });
   const at::Tensor dz2 = dz.view({L.T * L.B, L.H});
   at::Tensor dx = BK::mm(dz2, w_ih).view({L.T, L.B, L.I});
-  at::Tensor dw_ih = BK::mm(dz2.t(), x.view({L.T * L.B, L.I}));
-  at::Tensor dw_hh = BK::mm(dz2.t(), previous_states(L, h0, hs).view({L.T * L.B, L.H}));
-  at::Tensor dbias = has_bias ? dz2.sum(0) : at::empty({0}, x.options());
+  auto [dw_ih, dw_hh, dbias] = BK::weight_grads(dz2, x.view({L.T * L.B, L.I}),
+                                                previous_states(L, h0, hs).view({L.T * L.B, L.H}), has_bias);
   return {dx, dh0, dw_ih, dw_hh, dbias};
 }
 

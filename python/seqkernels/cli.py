@@ -69,7 +69,8 @@ def _write(out_dir: str, stem: str, meta: dict, rows: list[dict], extra: dict | 
 
 
 def _table(rows: list[dict], cols: list[tuple[str, str, str]]) -> str:
-    """cols: (header, key, format)."""
+    """cols: (header, key, format); a column no row has a value for is left out."""
+    cols = [c for c in cols if any(r.get(c[1]) is not None for r in rows)] or cols
     cells = [[h for h, _, _ in cols]]
     for r in rows:
         cells.append([("" if r.get(k) is None else format(r[k], fmt)) for _, k, fmt in cols])
@@ -95,7 +96,8 @@ def cmd_speed(args) -> int:
     print(_table(rows, [("op", "op", ""), ("mode", "mode", ""), ("shape", "shape", ""), ("dtype", "dtype", ""),
                         ("seqkernels", "seqkernels_ms", ".2f"), ("torch", "torch_ms", ".2f"),
                         ("reference", "reference_ms", ".2f"), ("cell loop", "cell_loop_ms", ".2f"),
-                        ("lengths", "lengths_ms", ".2f"),
+                        ("lengths", "lengths_ms", ".2f"), ("best SDPA backend", "best_sdpa_backend_ms", ".2f"),
+                        ("vs best backend", "speedup_vs_best_sdpa", ".2f"),
                         ("vs torch", "speedup_vs_torch", ".2f"), ("vs cell loop", "speedup_vs_cell_loop", ".2f"),
                         ("GFLOP/s", "seqkernels_gflops", ".0f"), ("torch GFLOP/s", "torch_gflops", ".0f")]))
     # the full grid is speed_<device>; a run of some families gets its own files

@@ -81,6 +81,18 @@ def test_rnn_float64_matches_reference(kind, T, B, I, H, layers, bidir, proj, bi
     _compare(kind, m, w, x, hx, None if lengths is None else torch.tensor(lengths), layers, bidir)
 
 
+@pytest.mark.parametrize("B", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("H,proj", [(45, 0), (70, 0), (45, 13)])
+def test_float32_small_batches(B, H, proj):
+    """Batches up to 4 take the CPU's fused step (threads own blocks of 32 hidden units and
+    compute their gate rows as matrix-vector products); 5 takes the GEMM path. H = 45 and
+    70 leave partial unit blocks and vector tails; P = 13 a tail in the product's depth."""
+    m, w = _weights("lstm", 37, H, 2, True, proj, True, dtype=torch.float32)
+    x = torch.randn(11, B, 37, requires_grad=True)
+    lengths = torch.tensor([11, 4, 1, 7, 11][:B]) if B > 1 else None
+    _compare("lstm", m, w, x, None, lengths, 2, True, dtype=torch.float32, scale=5)
+
+
 @pytest.mark.parametrize("kind", ["lstm", "tanh"])
 def test_float32_matches_reference(kind):
     m, w = _weights(kind, 37, 45, 2, True, 0, True, dtype=torch.float32)

@@ -38,3 +38,24 @@ def test_every_suite_lists_cases():
     for name, suite in SPEED_SUITES.items():
         cases = suite("cpu", True)
         assert cases and all(c.impls and c.flops > 0 for c in cases), name
+
+
+def test_sdpa_backend_cases():
+    """torch SDPA held to one backend: math runs anywhere; a backend that cannot take the
+    inputs raises RuntimeError, which the speed sweep records as a missing column."""
+    p = dict(B=1, H=2, L=32, D=16, causal=True, backward=False)
+    torch.manual_seed(0)
+    a = build_case("attention.sdpa_math", p, "cpu")()
+    torch.manual_seed(0)
+    b = build_case("attention.sdpa", p, "cpu")()
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError):
+        build_case("attention.sdpa_cudnn", p, "cpu")()
+
+
+def test_gpu_attention_grid_uses_issue_shapes():
+    from seqkernels.profiling.suites import attention_speed_cases
+
+    cases = attention_speed_cases("cuda", quick=False)
+    assert {c.params["dtype"] for c in cases} == {"bfloat16"}
+    assert all(c.params["B"] * c.params["L"] >= 16384 and "sdpa_cudnn" in c.impls for c in cases)

@@ -8,6 +8,9 @@ Cases:
   attention.{reference,sdpa,seqkernels}
                                 attention with params B, H, L (= Lq = Lk), D, causal,
                                 backward, dtype
+  attention.sdpa_{flash,efficient,cudnn,math}
+                                torch SDPA held to one backend (torch.nn.attention.sdpa_kernel);
+                                a backend that cannot take the inputs raises
   attention_padded.{seqkernels,seqkernels_lengths,sdpa}
                                 attention with a key-padding mask: params B, H, L, D,
                                 keep (the fraction of keys that are not padding, the same
@@ -56,6 +59,17 @@ def attention_impl(name: str):
         return lambda q, k, v, causal: F.scaled_dot_product_attention(q, k, v, is_causal=causal)
     if name == "seqkernels":
         return lambda q, k, v, causal: seqkernels.flash_attention(q, k, v, causal=causal)
+    if name.startswith("sdpa_"):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        backend = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                   "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[name[len("sdpa_"):]]
+
+        def one_backend(q, k, v, causal):
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+        return one_backend
     raise KeyError(name)
 
 
