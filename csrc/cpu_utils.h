@@ -209,10 +209,10 @@ inline void scale_row(scalar_t* x, int64_t n, scalar_t a) {
   at::vec::map([a](Vec v) { return v * Vec(a); }, x, x, n);
 }
 
-// dst (cols x rows) = src (rows x cols)^T, both contiguous, in 32 x 32 tiles (each read and
-// written within L1), parallel over column blocks.
+// dst (cols x rows, row stride ld_dst) = src (rows x cols, contiguous)^T, in 32 x 32 tiles
+// (each read and written within L1), parallel over column blocks.
 template <typename scalar_t>
-inline void transpose(const scalar_t* src, int64_t rows, int64_t cols, scalar_t* dst) {
+inline void transpose(const scalar_t* src, int64_t rows, int64_t cols, scalar_t* dst, int64_t ld_dst) {
   constexpr int64_t kT = 32;
   at::parallel_for(0, (cols + kT - 1) / kT, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t cb = c0 * kT; cb < std::min(cols, c1 * kT); cb += kT) {
@@ -220,7 +220,7 @@ inline void transpose(const scalar_t* src, int64_t rows, int64_t cols, scalar_t*
       for (int64_t rb = 0; rb < rows; rb += kT) {
         const int64_t re = std::min(rows, rb + kT);
         for (int64_t c = cb; c < ce; ++c) {
-          for (int64_t r = rb; r < re; ++r) dst[c * rows + r] = src[r * cols + c];
+          for (int64_t r = rb; r < re; ++r) dst[c * ld_dst + r] = src[r * cols + c];
         }
       }
     }

@@ -170,10 +170,16 @@ struct CudaBackend {
 
   static at::Tensor mm(const at::Tensor& a, const at::Tensor& b) { return at::mm(a, b); }
 
-  // dZ^T x, dZ^T h_prev and the bias gradient (cuBLAS takes the transposes as they are).
-  static std::tuple<at::Tensor, at::Tensor, at::Tensor> weight_grads(const at::Tensor& dz2, const at::Tensor& x2,
-                                                                    const at::Tensor& hp2, bool has_bias) {
-    return {at::mm(dz2.t(), x2), at::mm(dz2.t(), hp2), has_bias ? dz2.sum(0) : at::empty({0}, dz2.options())};
+  // The CPU backend keeps transposed copies for its weight gradients (keep_step); cuBLAS
+  // takes the transposes as they are.
+  template <typename scalar_t>
+  void keep_step(const Layer&, int64_t, const scalar_t*, int64_t, const scalar_t*, const scalar_t*) {}
+
+  // dZ^T x, dZ^T h_prev and the bias gradient.
+  template <typename HPrev>
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> weight_grads(const at::Tensor& dz2, const at::Tensor& x2,
+                                                             HPrev&& h_prev2, bool has_bias) {
+    return {at::mm(dz2.t(), x2), at::mm(dz2.t(), h_prev2()), has_bias ? dz2.sum(0) : at::empty({0}, dz2.options())};
   }
 
   template <typename scalar_t>

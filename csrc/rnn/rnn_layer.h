@@ -109,7 +109,8 @@ void lstm_forward_loop(BK& bk, const Layer& L, const scalar_t* h0, const scalar_
 }
 
 template <class BK, typename scalar_t>
-void lstm_backward_loop(BK& bk, const Layer& L, const scalar_t* dy, const scalar_t* h0, const scalar_t* c0,
+void lstm_backward_loop(BK& bk, const Layer& L, const scalar_t* dy, const scalar_t* x, const scalar_t* h0,
+                        const scalar_t* c0,
                         const scalar_t* w_hh_t, const scalar_t* w_hr_t, const scalar_t* gates,
                         const scalar_t* hs, const scalar_t* cs, scalar_t* dh_a, scalar_t* dh_b,
                         scalar_t* dc, scalar_t* dz, scalar_t* dr, scalar_t* dhs, scalar_t** dh_final) {
@@ -120,6 +121,7 @@ void lstm_backward_loop(BK& bk, const Layer& L, const scalar_t* dy, const scalar
   for (int64_t s = L.T - 1; s >= 0; --s) {
     const int64_t t = L.step_time(s);
     const scalar_t* c_prev = L.first(t) ? c0 : cs + L.prev_time(t) * L.B * L.H;
+    const scalar_t* h_prev = L.first(t) ? h0 : hs + L.prev_time(t) * L.B * L.P;
     const scalar_t* dy_t = dy + t * L.B * L.P;
     scalar_t* dz_t = dz + t * L.B * GH;
     if (w_hr_t == nullptr) {
@@ -133,6 +135,7 @@ void lstm_backward_loop(BK& bk, const Layer& L, const scalar_t* dy, const scalar
       bk.template lstm_pointwise_backward<scalar_t>(L, t, gates + t * L.B * GH, cs + t * L.B * L.H, c_prev,
                                                      dr, nullptr, dc, dz_t);
     }
+    bk.template keep_step<scalar_t>(L, t, dz_t, GH, x + t * L.B * L.I, h_prev);
     bk.template gemm<scalar_t>(Tr::N, Tr::T, L.B, L.P, GH, 1, dz_t, GH, w_hh_t, GH, 0, dh_next, L.P);
     if (L.lengths) bk.template keep_state<scalar_t>(L, t, dh_next, dh_cur, L.P);
     std::swap(dh_cur, dh_next);
@@ -156,14 +159,17 @@ void rnn_forward_loop(BK& bk, const Layer& L, const scalar_t* h0, const scalar_t
 }
 
 template <class BK, typename scalar_t>
-void rnn_backward_loop(BK& bk, const Layer& L, const scalar_t* dy, const scalar_t* w_hh_t, const scalar_t* hs,
-                       bool relu, scalar_t* dh_a, scalar_t* dh_b, scalar_t* dz, scalar_t** dh_final) {
+void rnn_backward_loop(BK& bk, const Layer& L, const scalar_t* dy, const scalar_t* x, const scalar_t* h0,
+                       const scalar_t* w_hh_t, const scalar_t* hs, bool relu, scalar_t* dh_a, scalar_t* dh_b,
+                       scalar_t* dz, scalar_t** dh_final) {
   scalar_t* dh_cur = dh_a;
   scalar_t* dh_next = dh_b;
   for (int64_t s = L.T - 1; s >= 0; --s) {
     const int64_t t = L.step_time(s);
     scalar_t* dz_t = dz + t * L.B * L.H;
     bk.template rnn_pointwise_backward<scalar_t>(L, t, hs + t * L.B * L.H, dy + t * L.B * L.H, dh_cur, dz_t, relu);
+    const scalar_t* h_prev = L.first(t) ? h0 : hs + L.prev_time(t) * L.B * L.H;
+    bk.template keep_step<scalar_t>(L, t, dz_t, L.H, x + t * L.B * L.I, h_prev);
     bk.template gemm<scalar_t>(Tr::N, Tr::T, L.B, L.H, L.H, 1, dz_t, L.H, w_hh_t, L.H, 0, dh_next, L.H);
     if (L.lengths) bk.template keep_state<scalar_t>(L, t, dh_next, dh_cur, L.H);
     std::swap(dh_cur, dh_next);
@@ -279,7 +285,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   BK::dispatch(x.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     scalar_t* dh_final = nullptr;
-    lstm_backward_loop<BK, scalar_t>(bk, L, dy.const_data_ptr<scalar_t>(), h0.const_data_ptr<scalar_t>(),
+    lstm_backward_loop<BK, scalar_t>(bk, L, dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+                                     h0.const_data_ptr<scalar_t>(),
                                      c0.const_data_ptr<scalar_t>(), w_hh_t.const_data_ptr<scalar_t>(),
                                      proj ? w_hr_t.const_data_ptr<scalar_t>() : nullptr,
                                      gates.const_data_ptr<scalar_t>(), hs.const_data_ptr<scalar_t>(),
@@ -292,8 +299,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   });
   const at::Tensor dz2 = dz.view({L.T * L.B, 4 * L.H});
   at::Tensor dx = BK::mm(dz2, w_ih).view({L.T, L.B, L.I});
-  auto [dw_ih, dw_hh, dbias] = BK::weight_grads(dz2, x.view({L.T * L.B, L.I}),
-                                                previous_states(L, h0, hs).view({L.T * L.B, L.P}), has_bias);
+  auto [dw_ih, dw_hh, dbias] = bk.weight_grads(dz2, x.view({L.T * L.B, L.I}), [&] {
+    return previous_states(L, h0, hs).view({L.T * L.B, L.P});
+  }, has_bias);
   at::Tensor dw_hr = proj ? BK::mm(dhs.view({L.T * L.B, L.P}).t(), rs.view({L.T * L.B, L.H})) : at::empty({0}, opt);
   return {dx, dh0, dc, dw_ih, dw_hh, dbias, dw_hr};
 }
@@ -346,15 +354,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer
   BK::dispatch(x.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     scalar_t* dh_final = nullptr;
-    rnn_backward_loop<BK, scalar_t>(bk, L, dy.const_data_ptr<scalar_t>(), w_hh_t.const_data_ptr<scalar_t>(),
+    rnn_backward_loop<BK, scalar_t>(bk, L, dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+                                    h0.const_data_ptr<scalar_t>(), w_hh_t.const_data_ptr<scalar_t>(),
                                     hs.const_data_ptr<scalar_t>(), relu, dh_a.mutable_data_ptr<scalar_t>(),
                                     dh_b.mutable_data_ptr<scalar_t>(), dz.mutable_data_ptr<scalar_t>(), &dh_final);
     dh0 = dh_final == dh_a.mutable_data_ptr<scalar_t>() ? dh_a : dh_b;
   });
   const at::Tensor dz2 = dz.view({L.T * L.B, L.H});
   at::Tensor dx = BK::mm(dz2, w_ih).view({L.T, L.B, L.I});
-  auto [dw_ih, dw_hh, dbias] = BK::weight_grads(dz2, x.view({L.T * L.B, L.I}),
-                                                previous_states(L, h0, hs).view({L.T * L.B, L.H}), has_bias);
+  auto [dw_ih, dw_hh, dbias] = bk.weight_grads(dz2, x.view({L.T * L.B, L.I}), [&] {
+    return previous_states(L, h0, hs).view({L.T * L.B, L.H});
+  }, has_bias);
   return {dx, dh0, dw_ih, dw_hh, dbias};
 }
 
