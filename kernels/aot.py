@@ -36,6 +36,9 @@ KIND = {"fwd": "fwd", "dkdv": "bwd", "dq": "bwd"}
 # variants. bfloat16 compiles to the same tiles.
 VARIANTS = [("fp16", True, ""), ("fp16", False, "")]
 MASKED_VARIANTS = [("fp16", True, "bool"), ("fp16", True, "add")]
+# float32 configs serve every launch in float32, features on or off
+F32_VARIANTS = [("fp32", True, ""), ("fp32", False, ""), ("fp32", True, "bool"), ("fp32", True, "add")]
+SUFFIXES = (("", VARIANTS), ("_masked", MASKED_VARIANTS), ("_f32", F32_VARIANTS))
 _CONSTEXPRS = ("CAUSAL", "BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_DV", "F32", "MASK_KIND", "HAS_LENGTHS", "DROPOUT")
 _FP32_POINTERS = {"LSE", "DELTA"}
 _TENSOR_POINTERS = {"Q", "K", "V", "O", "DO", "DK", "DV_", "DQ"}
@@ -94,7 +97,7 @@ def compile_one(kernel: str, arch: int, d: int, cfg: tuple, dtype: str, causal: 
     c = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps, num_stages=stages))
     res = resources(c.asm["cubin"])
     return dict(kernel=kernel, arch=arch, head_dim=d, config=list(cfg), dtype=dtype, causal=causal, mask=mask,
-                kind=KIND[kernel] + ("_masked" if masked else ""),
+                kind=KIND[kernel] + ("_f32" if dtype == "fp32" else "_masked" if masked else ""),
                 shared=c.metadata.shared, regs=res["REG"], stack=res["STACK"], local=res["LOCAL"],
                 wgmma="wgmma" in c.asm["ptx"], smem_limit=SMEM_LIMIT[arch])
 
@@ -104,7 +107,7 @@ def cases(configs=None) -> list[tuple]:
     configs = K.CONFIGS if configs is None else configs
     return [(kernel, arch, d, tuple(cfg), dtype, causal, mask)
             for kernel in KERNELS
-            for suffix, variants in (("", VARIANTS), ("_masked", MASKED_VARIANTS))
+            for suffix, variants in SUFFIXES
             if KIND[kernel] + suffix in configs
             for arch in (80, 90)
             for d, cfgs in configs[KIND[kernel] + suffix][arch].items()

@@ -25,11 +25,8 @@ reference draw the same mask; regenerated in both backward kernels, never stored
 Layout: q (B, H, Lq, D), k (B, Hk, Lk, D), v (B, Hk, Lk, Dv), any strides with unit
 stride in the last dim; Hk divides H. Causal: query i sees key j when j <= i + offset,
 offset = Lk - Lq (bottom-right) or 0 (top-left). A row that sees no key gets zeros,
-LSE -inf and zero gradients. float16 / bfloat16 on the GPU, with fp32 accumulation and fp32 softmax statistics. The
-kernels also take float32 (F32: products in tf32x3, three TF32 tensor-core products for
-about fp32 accuracy), which the interpreter tests run; on the GPU no float32 config has
-been found yet that compiles without spills for every head dim (kernels/aot.py), so
-seqkernels.ops.attention sends float32 CUDA tensors to the materialized reference math.
+LSE -inf and zero gradients. float16 / bfloat16 with fp32 accumulation and fp32 softmax
+statistics, and float32 (F32: fp32 FMA products, with their own small-tile configs).
 
 Configs: on a GPU the block sizes are autotuned per architecture over CONFIGS (the AOT
 compile test checks every one of them for shared memory, spills and wgmma); without a GPU
@@ -360,7 +357,22 @@ CONFIGS = {
         90: {64: [(64, 32, 8, 2), (64, 32, 4, 2)], 128: [(64, 16, 8, 1)], 256: [(16, 16, 4, 1)]},
     },
 }
-NO_WGMMA = {("bwd", 90, 256), ("bwd_masked", 90, 256)}
+# float32 inputs ("*_f32", with or without the optional features): the products are fp32
+# FMAs (F32_PRECISION), which keep more of each tile in registers than the fp16 tensor-core
+# products, so the tiles are small. Each entry compiles without spills with every feature
+# off and on (boolean and additive masks). No wgmma: the products do not use tensor cores.
+CONFIGS["fwd_f32"] = {
+    80: {64: [(32, 32, 8, 1), (32, 32, 4, 1)], 128: [(32, 32, 8, 1), (32, 16, 4, 1)],
+         256: [(32, 32, 8, 1), (16, 32, 8, 1)]},
+    90: {64: [(32, 32, 8, 1), (32, 32, 4, 1)], 128: [(32, 32, 8, 1), (32, 16, 8, 1)],
+         256: [(16, 32, 8, 1), (32, 16, 8, 1)]},
+}
+CONFIGS["bwd_f32"] = {
+    80: {64: [(16, 16, 4, 1)], 128: [(16, 16, 8, 2)], 256: [(16, 32, 16, 1), (32, 16, 16, 1)]},
+    90: {64: [(16, 32, 8, 1)], 128: [(16, 32, 8, 1), (32, 16, 8, 1)], 256: [(16, 16, 8, 1)]},
+}
+NO_WGMMA = {("bwd", 90, 256), ("bwd_masked", 90, 256)} | {(k, 90, d) for k in ("fwd_f32", "bwd_f32")
+                                                           for d in HEAD_DIM_CLASSES}
 
 
 def head_dim_class(d: int) -> int:
@@ -374,8 +386,17 @@ def _pow2(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
+def _config_kind(kernel: str, dtype: torch.dtype, flags: dict) -> str:
+    """The CONFIGS entry for a launch: fwd/bwd, then _f32 for float32 inputs, else _masked
+    when any optional feature is on."""
+    base = "fwd" if kernel == "fwd" else "bwd"
+    if dtype == torch.float32:
+        return base + "_f32"
+    return base + ("_masked" if _any(flags) else "")
+
+
 def _configs_for(kind: str, device: torch.device, d: int):
-    """kind: "fwd", "bwd", "fwd_masked" or "bwd_masked"."""
+    """kind: a key of CONFIGS."""
     if device.type != "cuda":
         return CONFIGS[kind][90][head_dim_class(d)][:1]
     major, _ = torch.cuda.get_device_capability(device)
@@ -385,12 +406,13 @@ def _configs_for(kind: str, device: torch.device, d: int):
 _TUNED: dict = {}
 
 
-def _best_config(kind: str, device, key: tuple, run, masked: bool = False) -> tuple:
-    """The fastest config for ``key`` (timed once per key on a GPU), or the fixed one."""
-    configs = _configs_for(("fwd" if kind == "fwd" else "bwd") + ("_masked" if masked else ""), device, key[0])
+def _best_config(kernel: str, device, key: tuple, run, kind: str) -> tuple:
+    """The fastest config of CONFIGS[kind] for ``key`` (timed once per key on a GPU), or the
+    fixed one."""
+    configs = _configs_for(kind, device, key[0])
     if device.type != "cuda" or len(configs) == 1:
         return configs[0]
-    k = (kind, torch.cuda.get_device_capability(device)) + key
+    k = (kernel, kind, torch.cuda.get_device_capability(device)) + key
     if k not in _TUNED:
         times = []
         for cfg in configs:
@@ -462,7 +484,8 @@ def forward(q, k, v, causal: bool, bottom_right: bool, scale: float, attn_mask=N
                         CAUSAL=bool(causal), BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(DV),
                         F32=f32, num_warps=warps, num_stages=stages, **flags)
 
-    run(_best_config("fwd", q.device, _tune_key(q, k, v, causal) + tuple(flags.values()), run, _any(flags)))
+    run(_best_config("fwd", q.device, _tune_key(q, k, v, causal) + tuple(flags.values()), run,
+                     _config_kind("fwd", q.dtype, flags)))
     return out, lse
 
 
@@ -507,7 +530,8 @@ def backward(grad_out, grad_lse, q, k, v, out, lse, causal: bool, bottom_right: 
             *drop,
             BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **common)
 
-    run_dkdv(_best_config("dkdv", q.device, key, run_dkdv, _any(flags)))
-    run_dq(_best_config("dq", q.device, key, run_dq, _any(flags)))
+    kind = _config_kind("bwd", q.dtype, flags)
+    run_dkdv(_best_config("dkdv", q.device, key, run_dkdv, kind))
+    run_dq(_best_config("dq", q.device, key, run_dq, kind))
     return dq, dk, dv
 

@@ -43,14 +43,15 @@ def _label(r):
 
 def test_every_config_is_compiled():
     rows = _report()
-    from seqkernels.kernels.aot import MASKED_VARIANTS, VARIANTS
+    from seqkernels.kernels.aot import SUFFIXES
 
     expected = sum(len(cfgs) * len(variants) * kernels
                    for kind, kernels in (("fwd", 1), ("bwd", 2))
-                   for suffix, variants in (("", VARIANTS), ("_masked", MASKED_VARIANTS))
+                   for suffix, variants in SUFFIXES
                    for arch in (80, 90) for cfgs in K.CONFIGS[kind + suffix][arch].values())
     assert len(rows) == expected
     assert {r["mask"] for r in rows} == {"", "bool", "add"}
+    assert {r["dtype"] for r in rows} == {"fp16", "fp32"}
 
 
 def test_shared_memory_fits():
@@ -73,7 +74,7 @@ def test_wgmma_on_hopper():
 
 
 def test_every_head_dim_class_has_a_config():
-    for kind in ("fwd", "bwd", "fwd_masked", "bwd_masked"):
+    for kind in ("fwd", "bwd", "fwd_masked", "bwd_masked", "fwd_f32", "bwd_f32"):
         for arch in (80, 90):
             assert set(K.CONFIGS[kind][arch]) == set(K.HEAD_DIM_CLASSES)
             assert all(K.CONFIGS[kind][arch][d] for d in K.HEAD_DIM_CLASSES)

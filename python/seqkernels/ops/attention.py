@@ -73,13 +73,11 @@ torch.library.register_autograd("seqkernels::flash_attention_forward", _backward
 
 
 # --- CUDA body -------------------------------------------------------------------------------
-# The Triton kernels (kernels/flash_attention.py) for float16 and bfloat16, masks, key
-# lengths and dropout included. float32 and float64 on CUDA run the materialized math
-# below in their dtype (O(Lq * Lk) memory, the same Philox dropout mask): no float32
-# Triton config compiles without register spills for every head dim yet (see
-# kernels/aot.py), and float64 on a GPU is for gradcheck.
+# The Triton kernels (kernels/flash_attention.py) for float16, bfloat16 and float32, masks,
+# key lengths and dropout included. float64 on CUDA (for gradcheck, not speed) runs the
+# materialized math below in float64, with the same Philox dropout mask.
 
-_TRITON_DTYPES = (torch.float16, torch.bfloat16)
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _triton():
