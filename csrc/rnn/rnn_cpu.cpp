@@ -70,18 +70,20 @@ struct CpuBackend {
     }
   }
 
-  // Weights packed for oneDNN once per op call, keyed by (pointer, batch rows): the
-  // time loop multiplies by the same W_hh at every step.
-  std::vector<std::tuple<const void*, int64_t, at::Tensor>> packed_;
+  // Weights packed for oneDNN once per op call, keyed by (pointer, shape): the time loop
+  // multiplies by the same W_hh at every step. A packed weight serves products with any
+  // number of rows (the row count given when packing is a hint only: measured no
+  // different), so the chunked input projection's shorter last chunk reuses it.
+  std::vector<std::tuple<const void*, int64_t, int64_t, at::Tensor>> packed_;
   at::Tensor last_;  // the result matmul_nt returned, kept alive until the next call
 
   const at::Tensor& packed(const float* w, int64_t n, int64_t k, int64_t batch) {
-    for (auto& [ptr, rows, t] : packed_) {
-      if (ptr == w && rows == batch) return t;
+    for (auto& [ptr, rows, cols, t] : packed_) {
+      if (ptr == w && rows == n && cols == k) return t;
     }
     at::Tensor dense = at::from_blob(const_cast<float*>(w), {n, k}, at::TensorOptions().dtype(at::kFloat));
-    packed_.emplace_back(w, batch, cpu::onednn_pack(dense, batch));
-    return std::get<2>(packed_.back());
+    packed_.emplace_back(w, n, k, cpu::onednn_pack(dense, batch));
+    return std::get<3>(packed_.back());
   }
 
   // A (m x k) times W^T (W n x k), both contiguous float32, through oneDNN with W packed.
