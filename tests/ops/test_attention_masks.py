@@ -368,6 +368,22 @@ def test_sdpa_float_mask_gradient_matches_torch():
         testing.assert_close(x, y, torch.float64)
 
 
+def test_sdpa_float_mask_gradient_with_dropout_uses_the_kernel_stream():
+    """The materialized path (a float mask that requires grad) draws the same Philox mask."""
+    torch.manual_seed(16)
+    q, k, v = (torch.randn(1, 2, 9, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    mask = torch.randn(9, 9, dtype=torch.float64, requires_grad=True)
+    state = torch.random.get_rng_state()
+    a = seqkernels.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.4)
+    torch.random.set_rng_state(state)
+    seed, offset = attn_ops._new_rng_state().tolist()
+    keep = ref.dropout_keep_mask((1, 2, 9, 9), 0.4, seed, offset)
+    e = ref.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.4, dropout_mask=keep)
+    testing.assert_close(a, e, torch.float64)
+    for x, y in zip(grads([a], (q, k, v, mask)), grads([e], (q, k, v, mask))):
+        testing.assert_close(x, y, torch.float64)
+
+
 def test_sdpa_dropout_matches_reference_with_the_kernel_mask():
     torch.manual_seed(15)
     q, k, v = (torch.randn(2, 4, 37, 16, dtype=torch.float64, requires_grad=True) for _ in range(3))

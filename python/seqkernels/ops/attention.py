@@ -358,11 +358,6 @@ def _materialized_sdpa(q, k, v, attn_mask, dropout_p, scale):
 
     if dropout_p >= 1.0:
         return _materialized_sdpa(q, k, v, attn_mask, 0.0, scale) * 0
-    keep = None
-    if dropout_p > 0.0:
-        seed, offset = (int(x) for x in _new_rng_state().tolist())
-        keep = dropout_keep_mask((q.shape[0], q.shape[1], q.shape[2], k.shape[2]), dropout_p, seed, offset,
-                                 device=q.device)
-    out = ref_sdpa(q, k, v, attn_mask=attn_mask.to(q.dtype), dropout_p=float(dropout_p), scale=scale,
-                   enable_gqa=True, dropout_mask=keep)
-    return out
+    keep = _keep_mask(q, k, dropout_p, _new_rng_state() if dropout_p > 0.0 else None)
+    return ref_sdpa(q, k, v, attn_mask=attn_mask.to(q.dtype), dropout_p=float(dropout_p), scale=scale,
+                    enable_gqa=True, dropout_mask=keep)
