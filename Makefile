@@ -17,7 +17,7 @@ BUILD_STAMP := build/.built
 test: $(BUILD_STAMP)
 	$(VPY) -m pytest tests -q
 
-# About 6 minutes on the 2-core CPU machine.
+# About 12 minutes on the 2-core CPU machine (speed sweep of every op family, then memory).
 bench: $(BUILD_STAMP)
 	$(VPY) -m seqkernels.bench speed --device cpu --out bench/results
 	$(VPY) -m seqkernels.bench memory --device cpu --out bench/results
