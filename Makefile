@@ -17,7 +17,7 @@ BUILD_STAMP := build/.built
 test: $(BUILD_STAMP)
 	$(VPY) -m pytest tests -q
 
-# About 12 minutes on the 2-core CPU machine (speed sweep of every op family, then memory).
+# About 8 minutes on the 2-core CPU machine (speed sweep of every op family, 3.5 min; then memory).
 bench: $(BUILD_STAMP)
 	$(VPY) -m seqkernels.bench speed --device cpu --out bench/results
 	$(VPY) -m seqkernels.bench memory --device cpu --out bench/results
