@@ -29,15 +29,21 @@ def grads(outs, ins, seed=7):
     return torch.autograd.grad(outs, ins, ws)
 
 
+def kernel_keep_mask(rng_state_before, shape, p):
+    """The dropout mask a call drew when torch's CPU generator was at ``rng_state_before``:
+    the kernels take their seed from it (ops.attention._new_rng_state)."""
+    torch.random.set_rng_state(rng_state_before)
+    seed, offset = attn_ops._new_rng_state().tolist()
+    return ref.dropout_keep_mask(shape, p, seed, offset)
+
+
 def check_flash(q, k, v, *, causal=False, bottom_right=True, tol_scale=1.0, dropout_p=0.0, **masks):
     """flash_attention with masks against the float64 reference: out, lse, dq, dk, dv."""
     state = torch.random.get_rng_state()
     out, lse = seqkernels.flash_attention(q, k, v, causal=causal, return_lse=True, dropout_p=dropout_p, **masks)
     keep = None
     if dropout_p > 0:  # the same Philox stream the kernel drew its seed for
-        torch.random.set_rng_state(state)
-        seed, offset = attn_ops._new_rng_state().tolist()
-        keep = ref.dropout_keep_mask((q.shape[0], q.shape[1], q.shape[2], k.shape[2]), dropout_p, seed, offset)
+        keep = kernel_keep_mask(state, (q.shape[0], q.shape[1], q.shape[2], k.shape[2]), dropout_p)
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
     m64 = {n: (t.double() if t is not None and t.is_floating_point() else t) for n, t in masks.items()}
     out_e, lse_e = ref.flash_attention(q64, k64, v64, causal=causal, bottom_right=bottom_right,
@@ -375,9 +381,7 @@ def test_sdpa_float_mask_gradient_with_dropout_uses_the_kernel_stream():
     mask = torch.randn(9, 9, dtype=torch.float64, requires_grad=True)
     state = torch.random.get_rng_state()
     a = seqkernels.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.4)
-    torch.random.set_rng_state(state)
-    seed, offset = attn_ops._new_rng_state().tolist()
-    keep = ref.dropout_keep_mask((1, 2, 9, 9), 0.4, seed, offset)
+    keep = kernel_keep_mask(state, (1, 2, 9, 9), 0.4)
     e = ref.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.4, dropout_mask=keep)
     testing.assert_close(a, e, torch.float64)
     for x, y in zip(grads([a], (q, k, v, mask)), grads([e], (q, k, v, mask))):
@@ -389,9 +393,7 @@ def test_sdpa_dropout_matches_reference_with_the_kernel_mask():
     q, k, v = (torch.randn(2, 4, 37, 16, dtype=torch.float64, requires_grad=True) for _ in range(3))
     state = torch.random.get_rng_state()
     a = seqkernels.scaled_dot_product_attention(q, k, v, dropout_p=0.3, is_causal=True)
-    torch.random.set_rng_state(state)
-    seed, offset = attn_ops._new_rng_state().tolist()
-    keep = ref.dropout_keep_mask((2, 4, 37, 37), 0.3, seed, offset)
+    keep = kernel_keep_mask(state, (2, 4, 37, 37), 0.3)
     e = ref.scaled_dot_product_attention(q, k, v, dropout_p=0.3, is_causal=True, dropout_mask=keep)
     testing.assert_close(a, e, torch.float64)
     for x, y in zip(grads([a], (q, k, v)), grads([e], (q, k, v))):
