@@ -163,12 +163,12 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             if attn_mask is not None:
                 am = attn_mask.reshape(-1, H, L, attn_mask.shape[-1]) if attn_mask.dim() == 3 else attn_mask
                 am = ~am if am.dtype == torch.bool else am.to(q.dtype)
-                mask = F.pad(am, (0, n_extra), value=True if am.dtype == torch.bool else 0.0)
+                mask = _with_extra_keys(am, n_extra)
             if key_padding_mask is not None:
                 lengths = _key_lengths(key_padding_mask) if n_extra == 0 and mask is None else None
                 if lengths is None:
                     kp = ~key_padding_mask if key_padding_mask.dtype == torch.bool else key_padding_mask.to(q.dtype)
-                    kp = F.pad(kp, (0, n_extra), value=True if kp.dtype == torch.bool else 0.0).reshape(N, 1, 1, S)
+                    kp = _with_extra_keys(kp, n_extra).reshape(N, 1, 1, S)
                     mask = kp if mask is None else _combine(mask, kp, q.dtype)
 
         def heads(t):  # (N, len, E) -> (N, H, len, hd)
@@ -179,6 +179,12 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         if unbatched:
             return out.squeeze(0)
         return out if self.batch_first else out.transpose(0, 1)
+
+
+def _with_extra_keys(mask: Tensor, n: int) -> Tensor:
+    """The mask (kernels' convention) with n more key columns that every query may attend
+    (the bias_k/v and add_zero_attn positions)."""
+    return F.pad(mask, (0, n), value=True if mask.dtype == torch.bool else 0.0)
 
 
 def _combine(a: Tensor, b: Tensor, dtype: torch.dtype) -> Tensor:
