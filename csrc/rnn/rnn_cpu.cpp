@@ -243,7 +243,8 @@ struct CpuBackend {
   // At small batches (float32, B <= kFusedBatch) the step is one parallel pass instead: a
   // thread owns a block of hidden units, computes their four gate rows of h_prev W_hh^T
   // (reading its slice of W_hh once for the whole batch) and finishes the pointwise work
-  // on them, so there is one fork/join per step, no zh buffer and no per-step GEMM call.
+  // on them, so there is one fork/join per step and no per-step GEMM call; each thread's
+  // block of zh is written and read back by that thread while it is in cache.
   // At these sizes the step is a matrix-vector product bound by the bandwidth that streams
   // W_hh from cache, where the GEMM call's fixed cost was a third of the step.
   template <typename scalar_t>
