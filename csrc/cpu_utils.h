@@ -22,9 +22,12 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include <algorithm>
 #include <cmath>
+#include <initializer_list>
 #include <limits>
 #include <type_traits>
+#include <vector>
 
 namespace seqkernels::cpu {
 
@@ -209,18 +212,29 @@ inline void scale_row(scalar_t* x, int64_t n, scalar_t a) {
   at::vec::map([a](Vec v) { return v * Vec(a); }, x, x, n);
 }
 
-// dst (cols x rows, row stride ld_dst) = src (rows x cols, contiguous)^T, in 32 x 32 tiles
-// (each read and written within L1), parallel over column blocks.
-template <typename scalar_t>
-inline void transpose(const scalar_t* src, int64_t rows, int64_t cols, scalar_t* dst, int64_t ld_dst) {
+// One matrix of transpose_many: src (rows x cols, contiguous) is written transposed to dst
+// (cols x rows, row stride ld_dst).
+struct TransposeJob {
+  const float* src;
+  int64_t cols;
+  float* dst;
+};
+
+// Several transposes of matrices with the same number of rows, in one parallel region over
+// the 32-column blocks of all of them: 32 x 32 tiles, each read and written within L1.
+inline void transpose_many(std::initializer_list<TransposeJob> jobs, int64_t rows, int64_t ld_dst) {
   constexpr int64_t kT = 32;
-  at::parallel_for(0, (cols + kT - 1) / kT, 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t cb = c0 * kT; cb < std::min(cols, c1 * kT); cb += kT) {
-      const int64_t ce = std::min(cols, cb + kT);
+  std::vector<int64_t> first_block{0};  // job j owns blocks [first_block[j], first_block[j + 1])
+  for (const TransposeJob& j : jobs) first_block.push_back(first_block.back() + (j.cols + kT - 1) / kT);
+  at::parallel_for(0, first_block.back(), 1, [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k) {
+      const int64_t j = std::upper_bound(first_block.begin(), first_block.end(), k) - first_block.begin() - 1;
+      const TransposeJob& job = jobs.begin()[j];
+      const int64_t cb = (k - first_block[j]) * kT, ce = std::min(job.cols, cb + kT);
       for (int64_t rb = 0; rb < rows; rb += kT) {
         const int64_t re = std::min(rows, rb + kT);
         for (int64_t c = cb; c < ce; ++c) {
-          for (int64_t r = rb; r < re; ++r) dst[c * ld_dst + r] = src[r * cols + c];
+          for (int64_t r = rb; r < re; ++r) job.dst[c * ld_dst + r] = job.src[r * job.cols + c];
         }
       }
     }

@@ -173,9 +173,14 @@ struct CudaBackend {
   // The CPU backend keeps transposed copies for its weight gradients (keep_step); cuBLAS
   // takes the transposes as they are.
   template <typename scalar_t>
-  void keep_step(const Layer&, int64_t, const scalar_t*, int64_t, const scalar_t*, const scalar_t*) {}
+  void keep_step(const Layer&, int64_t, int64_t, const scalar_t*, int64_t, const scalar_t*, const scalar_t*) {}
 
-  // dZ^T x, dZ^T h_prev and the bias gradient.
+  // The backward keeps dZ for all steps at once (GradChunks): memory from the caching
+  // allocator costs no page faults, and one chunk means one GEMM each for dX and the
+  // weight gradients.
+  static int64_t grad_chunk_steps(const Layer& L) { return L.T; }
+
+  // A chunk's dZ^T x, dZ^T h_prev and the bias gradient.
   template <typename HPrev>
   std::tuple<at::Tensor, at::Tensor, at::Tensor> weight_grads(const at::Tensor& dz2, const at::Tensor& x2,
                                                              HPrev&& h_prev2, bool has_bias) {

@@ -10,8 +10,9 @@
 //                               (LSTMP: h_t = r_t W_hr^T, one more GEMM)
 //   backward  for each step, last to first:  fused pointwise pass -> dZ_t,
 //                               dh_prev = dZ_t W_hh (one GEMM)
-//             then dX = dZ W_ih, dW_ih = dZ^T X, dW_hh = dZ^T H_prev, db = colsum(dZ),
-//             dW_hr = dH^T R: a few large GEMMs over all T*B rows.
+//             after each chunk of steps (GradChunks): dX = dZ W_ih, dW_ih += dZ^T X,
+//             dW_hh += dZ^T H_prev, db += colsum(dZ): a few large GEMMs over the chunk's rows;
+//             after the loop dW_hr = dH^T R (LSTMP).
 //
 // Every GEMM inside the time loop has the form C = A W^T (beta = 0) with a contiguous
 // weight W (the backward transposes W_hh and W_hr once, before the loop): the form of a
@@ -81,6 +82,81 @@ inline void check_layer_args(const at::Tensor& x, const at::Tensor& h0, const at
   }
 }
 
+// The states before steps t_lo .. t_lo+n-1, stacked (n, B, P): the state before step t is
+// hs[t-1] forward, hs[t+1] reverse, and h0 before the first step. dW_hh = dZ^T of it.
+inline at::Tensor previous_states(const Layer& L, const at::Tensor& h0, const at::Tensor& hs, int64_t t_lo,
+                                  int64_t n) {
+  const at::Tensor h0_ = h0.unsqueeze(0);
+  if (!L.reverse) {
+    return t_lo > 0 ? hs.narrow(0, t_lo - 1, n) : at::cat({h0_, hs.narrow(0, 0, n - 1)});
+  }
+  return t_lo + n < L.T ? hs.narrow(0, t_lo + 1, n) : at::cat({hs.narrow(0, t_lo + 1, n - 1), h0_});
+}
+
+inline void accumulate(at::Tensor& sum, at::Tensor part) {
+  if (sum.defined()) {
+    sum.add_(part);
+  } else {
+    sum = std::move(part);
+  }
+}
+
+// dX and the weight gradients of the backward through time, a chunk of steps at a time.
+// dZ is kept for one chunk (BK::grad_chunk_steps steps), not for all T: when a chunk is
+// complete its rows of dX = dZ W_ih are one GEMM and its share of dW_ih, dW_hh and db comes
+// from BK::weight_grads, summed over the chunks. On the CPU a fresh T*B*4H buffer costs its
+// page faults (52 MB: ~11 ms at T=100, B=64, H=512 on the 2-core machine, more than the
+// whole backward's pointwise work), while a chunk of ~2048 rows keeps the weight-gradient
+// GEMMs deep enough to run at full rate.
+template <class BK, typename scalar_t>
+struct GradChunks {
+  BK& bk;
+  const Layer& L;
+  int64_t GH;                   // G * H: the width of dZ
+  const at::Tensor& x;          // (T, B, I)
+  const at::Tensor& h0;         // (B, P)
+  const at::Tensor& hs;         // (T, B, P): the state after each step
+  const at::Tensor w_ih_t;      // (I, GH)
+  const bool has_bias;
+  const int64_t steps = BK::grad_chunk_steps(L);
+  at::Tensor dz = at::empty({steps, L.B, GH}, x.options());  // the chunk's dZ
+  at::Tensor dx = new_output({L.T, L.B, L.I}, x.options());
+  at::Tensor dw_ih, dw_hh, db;
+  int64_t t_lo = 0, n = 0;      // the chunk being filled: steps t_lo .. t_lo+n-1
+
+  scalar_t* dz_at(int64_t t) { return dz.mutable_data_ptr<scalar_t>() + (t - t_lo) * L.B * GH; }
+
+  void flush() {
+    const int64_t rows = n * L.B;
+    bk.template gemm<scalar_t>(Tr::N, Tr::T, rows, L.I, GH, 1, dz.const_data_ptr<scalar_t>(), GH,
+                               w_ih_t.const_data_ptr<scalar_t>(), GH, 0,
+                               dx.mutable_data_ptr<scalar_t>() + t_lo * L.B * L.I, L.I);
+    auto [g_ih, g_hh, g_b] = bk.weight_grads(
+        dz.narrow(0, 0, n).view({rows, GH}), x.narrow(0, t_lo, n).view({rows, L.I}),
+        [&] { return previous_states(L, h0, hs, t_lo, n).reshape({rows, L.P}); }, has_bias);
+    accumulate(dw_ih, std::move(g_ih));
+    accumulate(dw_hh, std::move(g_hh));
+    if (has_bias) accumulate(db, std::move(g_b));
+  }
+
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> weight_grads() const {
+    return {dw_ih, dw_hh, has_bias ? db : at::empty({0}, x.options())};
+  }
+};
+
+// Runs step(t) for every step in the backward's order (last to first), a chunk at a time,
+// and gc.flush() after each chunk. A chunk covers consecutive times [t_lo, t_lo + n).
+template <class GC, class Step>
+void backward_chunks(const Layer& L, GC& gc, Step&& step) {
+  for (int64_t s_hi = L.T; s_hi > 0; s_hi -= gc.steps) {
+    const int64_t s_lo = std::max<int64_t>(0, s_hi - gc.steps);
+    gc.n = s_hi - s_lo;
+    gc.t_lo = L.reverse ? L.T - s_hi : s_lo;
+    for (int64_t s = s_hi - 1; s >= s_lo; --s) step(L.step_time(s));
+    gc.flush();
+  }
+}
+
 // --- LSTM ------------------------------------------------------------------------------------
 
 // z_at(t): the step's pre-activations (x_t W_ih^T in, activated gates out); c_at(t): the
@@ -108,22 +184,20 @@ void lstm_forward_loop(BK& bk, const Layer& L, const scalar_t* h0, const scalar_
   }
 }
 
-template <class BK, typename scalar_t>
-void lstm_backward_loop(BK& bk, const Layer& L, const scalar_t* dy, const scalar_t* x, const scalar_t* h0,
-                        const scalar_t* c0,
-                        const scalar_t* w_hh_t, const scalar_t* w_hr_t, const scalar_t* gates,
-                        const scalar_t* hs, const scalar_t* cs, scalar_t* dh_a, scalar_t* dh_b,
-                        scalar_t* dc, scalar_t* dz, scalar_t* dr, scalar_t* dhs, scalar_t** dh_final) {
+template <class BK, typename scalar_t, class GC>
+void lstm_backward_loop(BK& bk, const Layer& L, GC& gc, const scalar_t* dy, const scalar_t* x, const scalar_t* h0,
+                        const scalar_t* c0, const scalar_t* w_hh_t, const scalar_t* w_hr_t, const scalar_t* gates,
+                        const scalar_t* hs, const scalar_t* cs, scalar_t* dh_a, scalar_t* dh_b, scalar_t* dc,
+                        scalar_t* dr, scalar_t* dhs, scalar_t** dh_final) {
   // dh_a holds dh_n on entry; dc holds dc_n; on exit *dh_final points at dh_0, dc is dc_0.
   const int64_t GH = 4 * L.H;
   scalar_t* dh_cur = dh_a;
   scalar_t* dh_next = dh_b;
-  for (int64_t s = L.T - 1; s >= 0; --s) {
-    const int64_t t = L.step_time(s);
+  backward_chunks(L, gc, [&](int64_t t) {
     const scalar_t* c_prev = L.first(t) ? c0 : cs + L.prev_time(t) * L.B * L.H;
     const scalar_t* h_prev = L.first(t) ? h0 : hs + L.prev_time(t) * L.B * L.P;
     const scalar_t* dy_t = dy + t * L.B * L.P;
-    scalar_t* dz_t = dz + t * L.B * GH;
+    scalar_t* dz_t = gc.dz_at(t);
     if (w_hr_t == nullptr) {
       bk.template lstm_pointwise_backward<scalar_t>(L, t, gates + t * L.B * GH, cs + t * L.B * L.H, c_prev,
                                                      dy_t, dh_cur, dc, dz_t);
@@ -135,11 +209,11 @@ void lstm_backward_loop(BK& bk, const Layer& L, const scalar_t* dy, const scalar
       bk.template lstm_pointwise_backward<scalar_t>(L, t, gates + t * L.B * GH, cs + t * L.B * L.H, c_prev,
                                                      dr, nullptr, dc, dz_t);
     }
-    bk.template keep_step<scalar_t>(L, t, dz_t, GH, x + t * L.B * L.I, h_prev);
+    bk.template keep_step<scalar_t>(L, t - gc.t_lo, gc.n, dz_t, GH, x + t * L.B * L.I, h_prev);
     bk.template gemm<scalar_t>(Tr::N, Tr::T, L.B, L.P, GH, 1, dz_t, GH, w_hh_t, GH, 0, dh_next, L.P);
     if (L.lengths) bk.template keep_state<scalar_t>(L, t, dh_next, dh_cur, L.P);
     std::swap(dh_cur, dh_next);
-  }
+  });
   *dh_final = dh_cur;
 }
 
@@ -158,31 +232,22 @@ void rnn_forward_loop(BK& bk, const Layer& L, const scalar_t* h0, const scalar_t
   }
 }
 
-template <class BK, typename scalar_t>
-void rnn_backward_loop(BK& bk, const Layer& L, const scalar_t* dy, const scalar_t* x, const scalar_t* h0,
+template <class BK, typename scalar_t, class GC>
+void rnn_backward_loop(BK& bk, const Layer& L, GC& gc, const scalar_t* dy, const scalar_t* x, const scalar_t* h0,
                        const scalar_t* w_hh_t, const scalar_t* hs, bool relu, scalar_t* dh_a, scalar_t* dh_b,
-                       scalar_t* dz, scalar_t** dh_final) {
+                       scalar_t** dh_final) {
   scalar_t* dh_cur = dh_a;
   scalar_t* dh_next = dh_b;
-  for (int64_t s = L.T - 1; s >= 0; --s) {
-    const int64_t t = L.step_time(s);
-    scalar_t* dz_t = dz + t * L.B * L.H;
+  backward_chunks(L, gc, [&](int64_t t) {
+    scalar_t* dz_t = gc.dz_at(t);
     bk.template rnn_pointwise_backward<scalar_t>(L, t, hs + t * L.B * L.H, dy + t * L.B * L.H, dh_cur, dz_t, relu);
     const scalar_t* h_prev = L.first(t) ? h0 : hs + L.prev_time(t) * L.B * L.H;
-    bk.template keep_step<scalar_t>(L, t, dz_t, L.H, x + t * L.B * L.I, h_prev);
+    bk.template keep_step<scalar_t>(L, t - gc.t_lo, gc.n, dz_t, L.H, x + t * L.B * L.I, h_prev);
     bk.template gemm<scalar_t>(Tr::N, Tr::T, L.B, L.H, L.H, 1, dz_t, L.H, w_hh_t, L.H, 0, dh_next, L.H);
     if (L.lengths) bk.template keep_state<scalar_t>(L, t, dh_next, dh_cur, L.H);
     std::swap(dh_cur, dh_next);
-  }
+  });
   *dh_final = dh_cur;
-}
-
-// The state before each step, stacked (T, B, P): [h0, hs[0..T-2]] forward,
-// [hs[1..T-1], h0] reverse. dW_hh = dZ^T of it, as one GEMM.
-inline at::Tensor previous_states(const Layer& L, const at::Tensor& h0, const at::Tensor& hs) {
-  at::Tensor h0_ = h0.unsqueeze(0);
-  if (L.T == 1) return h0_.clone();
-  return L.reverse ? at::cat({hs.narrow(0, 1, L.T - 1), h0_}) : at::cat({h0_, hs.narrow(0, 0, L.T - 1)});
 }
 
 // The op bodies, generic over the backend. See csrc/seqkernels.cpp for the schemas.
@@ -275,33 +340,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor hs = L.lengths ? hs_.contiguous() : y.contiguous();
   const auto opt = x.options();
   at::Tensor dh_a = dhn.contiguous().clone(), dh_b = at::empty_like(dh_a), dc = dcn.contiguous().clone();
-  at::Tensor dz = at::empty({L.T, L.B, 4 * L.H}, opt);
   at::Tensor dr = proj ? at::empty({L.B, L.H}, opt) : at::empty({0}, opt);
   at::Tensor dhs = proj ? at::empty({L.T, L.B, L.P}, opt) : at::empty({0}, opt);
-  at::Tensor dh0;
+  at::Tensor dh0, dx, dw_ih, dw_hh, dbias;
   BK bk;
   const at::Tensor w_hh_t = w_hh.t().contiguous();  // (P, 4H): every loop GEMM is A W^T
   const at::Tensor w_hr_t = proj ? whr.t().contiguous() : at::Tensor();
   BK::dispatch(x.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
+    GradChunks<BK, scalar_t> gc{bk, L, 4 * L.H, x, h0, hs, w_ih.t().contiguous(), has_bias};
     scalar_t* dh_final = nullptr;
-    lstm_backward_loop<BK, scalar_t>(bk, L, dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
-                                     h0.const_data_ptr<scalar_t>(),
-                                     c0.const_data_ptr<scalar_t>(), w_hh_t.const_data_ptr<scalar_t>(),
+    lstm_backward_loop<BK, scalar_t>(bk, L, gc, dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+                                     h0.const_data_ptr<scalar_t>(), c0.const_data_ptr<scalar_t>(),
+                                     w_hh_t.const_data_ptr<scalar_t>(),
                                      proj ? w_hr_t.const_data_ptr<scalar_t>() : nullptr,
                                      gates.const_data_ptr<scalar_t>(), hs.const_data_ptr<scalar_t>(),
                                      cs.const_data_ptr<scalar_t>(), dh_a.mutable_data_ptr<scalar_t>(),
                                      dh_b.mutable_data_ptr<scalar_t>(), dc.mutable_data_ptr<scalar_t>(),
-                                     dz.mutable_data_ptr<scalar_t>(),
                                      proj ? dr.mutable_data_ptr<scalar_t>() : nullptr,
                                      proj ? dhs.mutable_data_ptr<scalar_t>() : nullptr, &dh_final);
     dh0 = dh_final == dh_a.mutable_data_ptr<scalar_t>() ? dh_a : dh_b;
+    dx = gc.dx;
+    std::tie(dw_ih, dw_hh, dbias) = gc.weight_grads();
   });
-  const at::Tensor dz2 = dz.view({L.T * L.B, 4 * L.H});
-  at::Tensor dx = BK::mm(dz2, w_ih).view({L.T, L.B, L.I});
-  auto [dw_ih, dw_hh, dbias] = bk.weight_grads(dz2, x.view({L.T * L.B, L.I}), [&] {
-    return previous_states(L, h0, hs).view({L.T * L.B, L.P});
-  }, has_bias);
   at::Tensor dw_hr = proj ? BK::mm(dhs.view({L.T * L.B, L.P}).t(), rs.view({L.T * L.B, L.H})) : at::empty({0}, opt);
   return {dx, dh0, dc, dw_ih, dw_hh, dbias, dw_hr};
 }
@@ -347,24 +408,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer
   const Layer L = make_layer(x, w_hh, 1, reverse, lengths);
   const at::Tensor hs = L.lengths ? hs_.contiguous() : y.contiguous();
   at::Tensor dh_a = dhn.contiguous().clone(), dh_b = at::empty_like(dh_a);
-  at::Tensor dz = at::empty({L.T, L.B, L.H}, x.options());
-  at::Tensor dh0;
+  at::Tensor dh0, dx, dw_ih, dw_hh, dbias;
   BK bk;
   const at::Tensor w_hh_t = w_hh.t().contiguous();
   BK::dispatch(x.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
+    GradChunks<BK, scalar_t> gc{bk, L, L.H, x, h0, hs, w_ih.t().contiguous(), has_bias};
     scalar_t* dh_final = nullptr;
-    rnn_backward_loop<BK, scalar_t>(bk, L, dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+    rnn_backward_loop<BK, scalar_t>(bk, L, gc, dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
                                     h0.const_data_ptr<scalar_t>(), w_hh_t.const_data_ptr<scalar_t>(),
                                     hs.const_data_ptr<scalar_t>(), relu, dh_a.mutable_data_ptr<scalar_t>(),
-                                    dh_b.mutable_data_ptr<scalar_t>(), dz.mutable_data_ptr<scalar_t>(), &dh_final);
+                                    dh_b.mutable_data_ptr<scalar_t>(), &dh_final);
     dh0 = dh_final == dh_a.mutable_data_ptr<scalar_t>() ? dh_a : dh_b;
+    dx = gc.dx;
+    std::tie(dw_ih, dw_hh, dbias) = gc.weight_grads();
   });
-  const at::Tensor dz2 = dz.view({L.T * L.B, L.H});
-  at::Tensor dx = BK::mm(dz2, w_ih).view({L.T, L.B, L.I});
-  auto [dw_ih, dw_hh, dbias] = bk.weight_grads(dz2, x.view({L.T * L.B, L.I}), [&] {
-    return previous_states(L, h0, hs).view({L.T * L.B, L.H});
-  }, has_bias);
   return {dx, dh0, dw_ih, dw_hh, dbias};
 }
 

@@ -93,6 +93,25 @@ def test_float32_small_batches(B, H, proj):
     _compare("lstm", m, w, x, None, lengths, 2, True, dtype=torch.float32, scale=5)
 
 
+@pytest.mark.parametrize("dtype", [D64, torch.float32])
+@pytest.mark.parametrize("kind,proj", [("lstm", 0), ("lstm", 3), ("relu", 0)])
+def test_backward_in_several_chunks(kind, proj, dtype):
+    """The CPU backward keeps dZ for chunks of about 2048 rows (T*B here is 67*37 = 2479:
+    two chunks of 34 and 33 steps, so the second is shorter). Bidirectional with lengths:
+    the reverse direction's chunks start at the last step, the states before a chunk come
+    from the other chunk, and h0 from the chunk that holds the first step."""
+    T, B = 67, 37
+    m, w = _weights(kind, 5, 7, 1, True, proj, True, dtype=dtype)
+    x = torch.randn(T, B, 5, dtype=dtype, requires_grad=True)
+    lengths = torch.randint(1, T + 1, (B,))
+    lengths[0] = T
+    if kind == "lstm":
+        hx = (torch.randn(2, B, proj or 7, dtype=dtype), torch.randn(2, B, 7, dtype=dtype))
+    else:
+        hx = torch.randn(2, B, 7, dtype=dtype)
+    _compare(kind, m, w, x, hx, lengths, 1, True, dtype=dtype, scale=5)
+
+
 @pytest.mark.parametrize("kind", ["lstm", "tanh"])
 def test_float32_matches_reference(kind):
     m, w = _weights(kind, 37, 45, 2, True, 0, True, dtype=torch.float32)
