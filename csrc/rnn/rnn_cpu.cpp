@@ -258,6 +258,33 @@ struct CpuBackend {
     }
   }
 
+  // W_hh (4H x P) packed for lstm_step's tiles, once per op call: panel p holds hidden
+  // units [16p, 16p + 16) of the four gates, k-major:
+  // panel[(p * P + k) * 64 + g * 16 + j] = W_hh[g * H + 16p + j, k], zero past H.
+  at::Tensor gate_panels_;
+  const float* gate_panels_src_ = nullptr;
+
+  const float* gate_panels(const float* w, int64_t H, int64_t P) {
+    if (gate_panels_src_ != w) {
+      const int64_t panels = (H + 15) / 16;
+      gate_panels_ = at::empty({panels * P * 64}, at::TensorOptions().dtype(at::kFloat));
+      float* out = gate_panels_.mutable_data_ptr<float>();
+      at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+        for (int64_t p = p0; p < p1; ++p) {
+          float* panel = out + p * P * 64;
+          for (int64_t g = 0; g < 4; ++g) {
+            for (int64_t j = 0; j < 16; ++j) {
+              const int64_t u = p * 16 + j;
+              for (int64_t k = 0; k < P; ++k) panel[k * 64 + g * 16 + j] = u < H ? w[(g * H + u) * P + k] : 0.f;
+            }
+          }
+        }
+      });
+      gate_panels_src_ = w;
+    }
+    return gate_panels_.const_data_ptr<float>();
+  }
+
   // One LSTM step: zh = h_prev W_hh^T, then the pointwise pass (see lstm_pointwise_forward).
   // At small batches (float32, B <= kFusedBatch) the step is one parallel pass instead: a
   // thread owns a block of hidden units, computes their four gate rows of h_prev W_hh^T
@@ -284,6 +311,29 @@ struct CpuBackend {
         });
         return;
       }
+#if defined(__AVX512F__)
+      // Larger batches: the same single pass with a GEMM micro-kernel. A thread owns
+      // panels of 16 hidden units; for every kPanelRows batch rows, cpu::panel_tile
+      // multiplies h_prev by the panel (the units' four gate rows of W_hh, packed k-major)
+      // in registers and stores the tile into zh, where the pointwise work reads it back
+      // from L1.
+      const int64_t H = L.H, panels = (H + 15) / 16;
+      const float* pw = gate_panels(w_hh, H, L.P);
+      at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+        for (int64_t p = p0; p < p1; ++p) {
+          const int64_t u0 = p * 16, u1 = std::min(H, u0 + 16);
+          for (int64_t r0 = 0; r0 < L.B; r0 += cpu::kPanelRows) {
+            const int mr = static_cast<int>(std::min<int64_t>(cpu::kPanelRows, L.B - r0));
+            cpu::panel_rows(mr, h_prev + r0 * L.P, L.P, pw + p * L.P * 64, L.P, zh + r0 * 4 * H + u0, 4 * H, H,
+                            static_cast<int>(u1 - u0));
+            for (int64_t b = r0; b < r0 + mr; ++b) {
+              lstm_units_forward<float>(L, t, b, u0, u1, z, zh, bias, c_prev, h_prev_or_null, c_t, out);
+            }
+          }
+        }
+      });
+      return;
+#endif
     }
     const scalar_t* zh_t = matmul_nt<scalar_t>(L.B, 4 * L.H, L.P, h_prev, w_hh, zh);
     lstm_pointwise_forward<scalar_t>(L, t, z, zh_t, bias, c_prev, h_prev_or_null, c_t, out);
