@@ -33,18 +33,41 @@ def measure_time(fn: Callable[[], object], *, warmup: int = 2, repeat: int = 7,
     times: list[float] = []
     cuda = str(device).startswith("cuda")
     while len(times) < repeat or sum(times) < min_time_s:
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
+        times.append(_time_once(fn, cuda))
     return Timing(statistics.median(times), times)
+
+
+def _time_once(fn: Callable[[], object], cuda: bool) -> float:
+    if cuda:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 1e3
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def measure_times_interleaved(fns: dict[str, Callable[[], object]], *, warmup: int = 2, repeat: int = 7,
+                              device: str = "cpu") -> dict[str, Timing]:
+    """Like :func:`measure_time` for several functions, timed in turns: repetition i runs
+    every function once, in order, before repetition i + 1 starts.
+
+    On a shared machine whose speed drifts over seconds (the 2-core CI machine moves by
+    up to ~10% between runs a minute apart), timing one function's repeats and then the
+    next's puts that drift into their ratio; in turns, it falls on both alike.
+    """
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    cuda = str(device).startswith("cuda")
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            times[name].append(_time_once(fn, cuda))
+    return {name: Timing(statistics.median(t), t) for name, t in times.items()}
 
 
 def attention_flops(B: int, H: int, Lq: int, Lk: int, D: int, causal: bool = False,
