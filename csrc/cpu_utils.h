@@ -326,36 +326,48 @@ inline void gemv_rows(const float* w, int64_t rows, int64_t k, const float* x, i
 }
 
 #if defined(__AVX512F__)
-// A GEMM micro-kernel on a packed panel: C (MR x 64) = A (MR x K, row stride lda) times a
-// panel (K x 64, k-major: panel[k * 64 + n], 64-byte aligned). Column n of C goes to
-// c[r * ldc + (n / 16) * gs + n % 16]: four groups of 16 columns, gs apart (gs = 16:
-// 64 contiguous columns; gs = H: the four gates of 16 hidden units, for the LSTM). Group g
-// stores its first clamp(nv - g * nv_step, 0, 16) columns (nv_step = 16 for contiguous
-// columns, 0 for gates). MR * 4 accumulators stay in registers (24 of the 32 zmm at
-// MR = 6); each k loads four panel vectors and broadcasts MR values of A. Measured alone on
-// the 2-core machine for the LSTM step's 64 x 2048 x 512 product: 498 GFLOP/s (oneDNN,
-// packed: 471). (Running the LSTM's pointwise step on the accumulators, instead of storing
-// them for it to read back from L1, measured about 10% slower.)
+// One operand pair of a panel product: A (rows x K, row stride lda) and a panel (K x 64,
+// k-major: panel[k * 64 + n], 64-byte aligned).
+struct PanelInput {
+  const float* a;
+  int64_t lda;
+  const float* panel;
+  int64_t K;
+};
+
+// A GEMM micro-kernel on packed panels: C (MR x 64) = sum over the inputs of A times the
+// panel (two inputs: [x_t | h_prev] times [W_ih | W_hh] for the LSTM, without forming the
+// concatenation). Column n of C goes to c[r * ldc + (n / 16) * gs + n % 16]: four groups of
+// 16 columns, gs apart (gs = 16: 64 contiguous columns; gs = H: the four gates of 16 hidden
+// units). Group g stores its first clamp(nv - g * nv_step, 0, 16) columns (nv_step = 16 for
+// contiguous columns, 0 for gates). MR * 4 accumulators stay in registers (24 of the 32
+// zmm at MR = 6); each k loads four panel vectors and broadcasts MR values of A. Measured
+// alone on the 2-core machine for the LSTM step's 64 x 2048 x 512 product: 498 GFLOP/s
+// (oneDNN, packed: 471). (Running the LSTM's pointwise step on the accumulators, instead of
+// storing them for it to read back from L1, measured about 10% slower.)
 template <int MR>
-inline void panel_tile(const float* a, int64_t lda, const float* panel, int64_t K, float* c, int64_t ldc,
-                       int64_t gs, int nv, int nv_step) {
+inline void panel_tile(const PanelInput* in, int inputs, float* c, int64_t ldc, int64_t gs, int nv, int nv_step) {
   __m512 acc[MR][4];
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r) {
 #pragma GCC unroll 4
     for (int g = 0; g < 4; ++g) acc[r][g] = _mm512_setzero_ps();
   }
-  for (int64_t k = 0; k < K; ++k) {
-    const float* pk = panel + k * 64;
-    const __m512 b0 = _mm512_load_ps(pk), b1 = _mm512_load_ps(pk + 16), b2 = _mm512_load_ps(pk + 32),
-                 b3 = _mm512_load_ps(pk + 48);
+  for (int i = 0; i < inputs; ++i) {
+    const float* a = in[i].a;
+    const int64_t lda = in[i].lda;
+    for (int64_t k = 0; k < in[i].K; ++k) {
+      const float* pk = in[i].panel + k * 64;
+      const __m512 b0 = _mm512_load_ps(pk), b1 = _mm512_load_ps(pk + 16), b2 = _mm512_load_ps(pk + 32),
+                   b3 = _mm512_load_ps(pk + 48);
 #pragma GCC unroll 8
-    for (int r = 0; r < MR; ++r) {
-      const __m512 av = _mm512_set1_ps(a[r * lda + k]);
-      acc[r][0] = _mm512_fmadd_ps(av, b0, acc[r][0]);
-      acc[r][1] = _mm512_fmadd_ps(av, b1, acc[r][1]);
-      acc[r][2] = _mm512_fmadd_ps(av, b2, acc[r][2]);
-      acc[r][3] = _mm512_fmadd_ps(av, b3, acc[r][3]);
+      for (int r = 0; r < MR; ++r) {
+        const __m512 av = _mm512_set1_ps(a[r * lda + k]);
+        acc[r][0] = _mm512_fmadd_ps(av, b0, acc[r][0]);
+        acc[r][1] = _mm512_fmadd_ps(av, b1, acc[r][1]);
+        acc[r][2] = _mm512_fmadd_ps(av, b2, acc[r][2]);
+        acc[r][3] = _mm512_fmadd_ps(av, b3, acc[r][3]);
+      }
     }
   }
   __mmask16 m[4];
@@ -372,15 +384,15 @@ inline void panel_tile(const float* a, int64_t lda, const float* panel, int64_t 
 
 // panel_tile for any row count mr <= kPanelRows.
 constexpr int kPanelRows = 6;
-inline void panel_rows(int mr, const float* a, int64_t lda, const float* panel, int64_t K, float* c, int64_t ldc,
-                       int64_t gs, int nv, int nv_step) {
+inline void panel_rows(int mr, const PanelInput* in, int inputs, float* c, int64_t ldc, int64_t gs, int nv,
+                       int nv_step) {
   switch (mr) {
-    case 1: return panel_tile<1>(a, lda, panel, K, c, ldc, gs, nv, nv_step);
-    case 2: return panel_tile<2>(a, lda, panel, K, c, ldc, gs, nv, nv_step);
-    case 3: return panel_tile<3>(a, lda, panel, K, c, ldc, gs, nv, nv_step);
-    case 4: return panel_tile<4>(a, lda, panel, K, c, ldc, gs, nv, nv_step);
-    case 5: return panel_tile<5>(a, lda, panel, K, c, ldc, gs, nv, nv_step);
-    case 6: return panel_tile<6>(a, lda, panel, K, c, ldc, gs, nv, nv_step);
+    case 1: return panel_tile<1>(in, inputs, c, ldc, gs, nv, nv_step);
+    case 2: return panel_tile<2>(in, inputs, c, ldc, gs, nv, nv_step);
+    case 3: return panel_tile<3>(in, inputs, c, ldc, gs, nv, nv_step);
+    case 4: return panel_tile<4>(in, inputs, c, ldc, gs, nv, nv_step);
+    case 5: return panel_tile<5>(in, inputs, c, ldc, gs, nv, nv_step);
+    case 6: return panel_tile<6>(in, inputs, c, ldc, gs, nv, nv_step);
     default: TORCH_CHECK(false, "panel_rows: ", mr, " rows is above ", kPanelRows);
   }
 }
@@ -426,7 +438,8 @@ inline void panel_product(int64_t m, int64_t n, int64_t k, const float* a, int64
     for (int64_t p = p0; p < p1; ++p) {
       const int nv = static_cast<int>(std::min<int64_t>(64, n - p * 64));
       for_row_blocks(m, [&](int64_t r0, int mr) {
-        panel_rows(mr, a + r0 * lda, lda, panels + p * k * 64, k, c + r0 * ldc + p * 64, ldc, 16, nv, 16);
+        const PanelInput in{a + r0 * lda, lda, panels + p * k * 64, k};
+        panel_rows(mr, &in, 1, c + r0 * ldc + p * 64, ldc, 16, nv, 16);
       });
     }
   });

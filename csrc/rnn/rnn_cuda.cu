@@ -195,11 +195,14 @@ struct CudaBackend {
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 
+  // The input projection stays one GEMM over all steps (lstm_step never gets x_t).
+  static bool fuses_input(const Layer&, at::ScalarType) { return false; }
+
   // One LSTM step: the recurrent GEMM (cuBLAS), then the fused pointwise kernel.
   template <typename scalar_t>
   void lstm_step(const Layer& L, int64_t t, scalar_t* z, const scalar_t* h_prev, const scalar_t* w_hh,
                  const scalar_t* bias, const scalar_t* c_prev, const scalar_t* h_prev_or_null, scalar_t* c_t,
-                 scalar_t* out, scalar_t* zh) {
+                 scalar_t* out, scalar_t* zh, const scalar_t*, const scalar_t*) {
     const scalar_t* zh_t = matmul_nt<scalar_t>(L.B, 4 * L.H, L.P, h_prev, w_hh, zh);
     lstm_pointwise_forward<scalar_t>(L, t, z, zh_t, bias, c_prev, h_prev_or_null, c_t, out);
   }

@@ -6,7 +6,8 @@
 //   forward   Z = X W_ih^T                one GEMM for all T steps (BK::input_projection)
 //             for each step t:  Zh = h_prev W_hh^T     (one GEMM)
 //                               fused pointwise pass on Z_t + Zh + b -> gates, c_t, h_t
-//                               (the LSTM's BK::lstm_step does both; a backend may fuse them)
+//                               (the LSTM's BK::lstm_step does both; a backend may fuse them,
+//                               and with BK::fuses_input form x_t W_ih^T in the step too)
 //                               (LSTMP: h_t = r_t W_hr^T, one more GEMM)
 //   backward  for each step, last to first:  fused pointwise pass -> dZ_t,
 //                               dh_prev = dZ_t W_hh (one GEMM)
@@ -162,21 +163,25 @@ void backward_chunks(const Layer& L, GC& gc, Step&& step) {
 // z_at(t): the step's pre-activations (x_t W_ih^T in, activated gates out); c_at(t): the
 // cell state after step t; r_at(t): o * tanh(c) of step t (LSTMP). With a workspace these
 // index (T, ...) buffers that the backward keeps; without, chunked and rolling buffers.
+// With x and w_ih (BK::fuses_input), the step forms the input term itself and z_at(t)
+// only receives the activated gates.
 template <class BK, typename scalar_t, class ZAt, class CAt, class RAt>
 void lstm_forward_loop(BK& bk, const Layer& L, const scalar_t* h0, const scalar_t* c0,
                        const scalar_t* w_hh, const scalar_t* bias, const scalar_t* w_hr,
-                       ZAt&& z_at, CAt&& c_at, RAt&& r_at, scalar_t* zh, scalar_t* y, scalar_t* hs) {
+                       ZAt&& z_at, CAt&& c_at, RAt&& r_at, scalar_t* zh, scalar_t* y, scalar_t* hs,
+                       const scalar_t* x, const scalar_t* w_ih) {
   for (int64_t s = 0; s < L.T; ++s) {
     const int64_t t = L.step_time(s);
     const scalar_t* h_prev = L.first(t) ? h0 : hs + L.prev_time(t) * L.B * L.P;
     const scalar_t* c_prev = L.first(t) ? c0 : c_at(L.prev_time(t));
     scalar_t* z = z_at(t);
     scalar_t* h_t = hs + t * L.B * L.P;
+    const scalar_t* x_t = x ? x + t * L.B * L.I : nullptr;
     if (w_hr == nullptr) {
-      bk.template lstm_step<scalar_t>(L, t, z, h_prev, w_hh, bias, c_prev, h_prev, c_at(t), h_t, zh);
+      bk.template lstm_step<scalar_t>(L, t, z, h_prev, w_hh, bias, c_prev, h_prev, c_at(t), h_t, zh, x_t, w_ih);
     } else {
       scalar_t* r_t = r_at(t);
-      bk.template lstm_step<scalar_t>(L, t, z, h_prev, w_hh, bias, c_prev, nullptr, c_at(t), r_t, zh);
+      bk.template lstm_step<scalar_t>(L, t, z, h_prev, w_hh, bias, c_prev, nullptr, c_at(t), r_t, zh, x_t, w_ih);
       bk.template gemm<scalar_t>(Tr::N, Tr::T, L.B, L.P, L.H, 1, r_t, L.H, w_hr, L.H, 0, h_t, L.P);
       if (L.lengths) bk.template keep_state<scalar_t>(L, t, h_t, h_prev, L.P);
     }
@@ -282,9 +287,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor y = new_output({L.T, L.B, L.P}, opt);
   at::Tensor hs = L.lengths ? at::empty({L.T, L.B, L.P}, opt) : at::empty({0}, opt);
   at::Tensor zh = at::empty({L.B, GH}, opt);
-  // With a workspace: the input term of every step at once, one (T*B, I) x (I, 4H) product.
-  at::Tensor gates = workspace ? bk.input_projection(x.view({L.T * L.B, L.I}), w_ih).view({L.T, L.B, GH})
-                               : at::empty({0}, opt);
+  // With a workspace: the input term of every step at once, one (T*B, I) x (I, 4H) product
+  // (or, where the step forms it, just the buffer for the activated gates).
+  const bool fuse = BK::fuses_input(L, x.scalar_type());
+  at::Tensor gates = !workspace ? at::empty({fuse ? L.B : 0, GH}, opt)  // fused inference: one step's gates
+                     : fuse     ? at::empty({L.T, L.B, GH}, opt)
+                                : bk.input_projection(x.view({L.T * L.B, L.I}), w_ih).view({L.T, L.B, GH});
   at::Tensor cs = at::empty({workspace ? L.T : 2, L.B, L.H}, opt);
   at::Tensor rs = proj ? at::empty({workspace ? L.T : 1, L.B, L.H}, opt) : at::empty({0}, opt);
   const int64_t chunk = std::max<int64_t>(1, kChunkBytes / std::max<int64_t>(1, L.B * GH * x.element_size()));
@@ -294,6 +302,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     using scalar_t = decltype(tag);
     auto z_at = [&](int64_t t) -> scalar_t* {
       if (workspace) return gates.mutable_data_ptr<scalar_t>() + t * L.B * GH;
+      if (fuse) return gates.mutable_data_ptr<scalar_t>();
       if (t < z_lo || t >= z_hi) {  // the chunk of steps that follow t in processing order
         z_lo = reverse ? std::max<int64_t>(0, t - chunk + 1) : t;
         z_hi = reverse ? t + 1 : std::min(L.T, t + chunk);
@@ -311,7 +320,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                                     w_hh.const_data_ptr<scalar_t>(), has_bias ? b.const_data_ptr<scalar_t>() : nullptr,
                                     proj ? whr.const_data_ptr<scalar_t>() : nullptr, z_at, c_at, r_at,
                                     zh.mutable_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(),
-                                    (L.lengths ? hs : y).mutable_data_ptr<scalar_t>());
+                                    (L.lengths ? hs : y).mutable_data_ptr<scalar_t>(),
+                                    fuse ? x.const_data_ptr<scalar_t>() : nullptr,
+                                    fuse ? w_ih.const_data_ptr<scalar_t>() : nullptr);
   });
   const int64_t last = reverse ? 0 : L.T - 1;
   const at::Tensor& states = L.lengths ? hs : y;
@@ -319,7 +330,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   hn.copy_(states[last]);
   cn.copy_(cs[workspace ? last : last % 2]);
   if (!workspace) {
-    return {y, hn, cn, gates, hs, at::empty({0}, opt), at::empty({0}, opt)};
+    return {y, hn, cn, at::empty({0}, opt), hs, at::empty({0}, opt), at::empty({0}, opt)};
   }
   return {y, hn, cn, gates, hs, cs, rs};
 }

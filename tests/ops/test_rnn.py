@@ -306,10 +306,13 @@ def test_gpu_matches_reference(dtype, kind):
 # --- inference path (workspace=False) ----------------------------------------------------------
 
 @pytest.mark.parametrize("bidir,proj,lengths", [(False, 0, None), (True, 0, [9, 3, 1]), (True, 4, [2, 9, 9])])
-def test_inference_path_matches_training_path(bidir, proj, lengths):
+@pytest.mark.parametrize("B", [3, 7])
+def test_inference_path_matches_training_path(bidir, proj, lengths, B):
+    """B = 3 takes the CPU's matrix-vector step, B = 7 the panel kernel that forms the input
+    term inside the step (no projection before the loop; inference keeps one step's gates)."""
     m, w = _weights("lstm", 5, 11, 2, bidir, proj, dtype=torch.float32)
-    x = torch.randn(9, 3, 5)
-    lens = None if lengths is None else torch.tensor(lengths)
+    x = torch.randn(9, B, 5)
+    lens = None if lengths is None else torch.tensor(lengths + [9, 1, 5, 2][:B - 3])
     kw = dict(num_layers=2, bidirectional=bidir, lengths=lens)
     with torch.no_grad():
         out_i, (h_i, c_i) = seqkernels.lstm(x, w, **kw)  # no workspace kept
