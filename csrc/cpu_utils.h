@@ -263,12 +263,14 @@ inline void transpose_tile(const float* src, int64_t ld_src, int64_t rows, int64
 }
 
 // Several transposes of matrices with the same number of rows, in one parallel region over
-// the 32-column blocks of all of them.
+// the 32-column blocks of all of them (a task has at least 16K elements: a batch-1 step's
+// three rows are copied by the calling thread, without waking the others).
 inline void transpose_many(std::initializer_list<TransposeJob> jobs, int64_t rows, int64_t ld_dst) {
   constexpr int64_t kT = 32;
   std::vector<int64_t> first_block{0};  // job j owns blocks [first_block[j], first_block[j + 1])
   for (const TransposeJob& j : jobs) first_block.push_back(first_block.back() + (j.cols + kT - 1) / kT);
-  at::parallel_for(0, first_block.back(), 1, [&](int64_t k0, int64_t k1) {
+  const int64_t grain = std::max<int64_t>(1, 16384 / (kT * std::max<int64_t>(rows, 1)));
+  at::parallel_for(0, first_block.back(), grain, [&](int64_t k0, int64_t k1) {
     for (int64_t k = k0; k < k1; ++k) {
       const int64_t j = std::upper_bound(first_block.begin(), first_block.end(), k) - first_block.begin() - 1;
       const TransposeJob& job = jobs.begin()[j];
