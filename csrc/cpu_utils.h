@@ -424,6 +424,26 @@ inline at::Tensor pack_panels(const float* w, int64_t n, int64_t k, bool gates) 
   return packed;
 }
 
+// W (k x n, row-major) packed into contiguous-layout panels for a product A W (not A W^T):
+// panel p holds columns [64p, 64p + 64), k-major: each k is a 64-float run of row k of W,
+// so the packing is a strided copy, with no transpose. Zero past the last column.
+inline at::Tensor pack_panels_kn(const float* w, int64_t k, int64_t n) {
+  const int64_t panels = (n + 63) / 64;
+  at::Tensor packed = at::empty({panels * k * 64}, at::TensorOptions().dtype(at::kFloat));
+  float* out = packed.mutable_data_ptr<float>();
+  at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t cols = std::min<int64_t>(64, n - p * 64);
+      for (int64_t kk = 0; kk < k; ++kk) {
+        float* dst = out + (p * k + kk) * 64;
+        std::copy(w + kk * n + p * 64, w + kk * n + p * 64 + cols, dst);
+        std::fill(dst + cols, dst + 64, 0.f);
+      }
+    }
+  });
+  return packed;
+}
+
 // The row blocks of an m-row product: kPanelRows rows each, the rest in the last. (Blocks
 // of nearly equal size, 4 + 4 rows instead of 6 + 2 at m = 8, measured slower: 5.7 against
 // 6.4 ms for the LSTM's recurrent steps at B = 8, T = 100, H = 512.)
@@ -432,8 +452,8 @@ inline void for_row_blocks(int64_t m, F&& f) {
   for (int64_t r0 = 0; r0 < m; r0 += kPanelRows) f(r0, static_cast<int>(std::min<int64_t>(kPanelRows, m - r0)));
 }
 
-// C (m x n, row stride ldc) = A (m x k, row stride lda) W^T, W packed by pack_panels in the
-// contiguous layout: threads own panels of 64 output columns.
+// C (m x n, row stride ldc) = A (m x k, row stride lda) W^T (W packed by pack_panels in
+// the contiguous layout) or A W (pack_panels_kn): threads own panels of 64 output columns.
 inline void panel_product(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* panels, float* c,
                           int64_t ldc) {
   at::parallel_for(0, (n + 63) / 64, 1, [&](int64_t p0, int64_t p1) {

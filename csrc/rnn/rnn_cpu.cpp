@@ -107,20 +107,32 @@ struct CpuBackend {
     }
 #if defined(__AVX512F__)
     if (m <= kPanelMaxRows) {
-      cpu::panel_product(m, n, k, a, k, panels(w, n, k, false), c, n);
+      cpu::panel_product(m, n, k, a, k, panels(w, n, k, Layout::kRows), c, n);
       return true;
     }
 #endif
     return false;
   }
 
-  // Row-major C = alpha op(A) op(B) + beta C. float32 products of the loop's form
-  // (C = A W^T, contiguous) go to oneDNN with W packed; the rest (float64) to BLAS.
+  // Row-major C = alpha op(A) op(B) + beta C. float32 products of the loop's forms, C = A W^T
+  // and C = A W (contiguous), go to the panel micro-kernel up to kPanelMaxRows rows and to
+  // oneDNN above (a product A W through a transposed copy of W); the rest (float64) to BLAS.
   template <typename scalar_t>
   void gemm(Tr ta, Tr tb, int64_t m, int64_t n, int64_t k, scalar_t alpha, const scalar_t* a, int64_t lda,
             const scalar_t* b, int64_t ldb, scalar_t beta, scalar_t* c, int64_t ldc) {
     if constexpr (std::is_same_v<scalar_t, float>) {
-      const bool nt_form = ta == Tr::N && tb == Tr::T && alpha == 1.f && beta == 0.f && lda == k && ldb == k && ldc == n;
+      const bool plain = ta == Tr::N && alpha == 1.f && beta == 0.f && lda == k && ldc == n;
+      const bool nt_form = plain && tb == Tr::T && ldb == k;
+#if defined(__AVX512F__)
+      if (plain && tb == Tr::N && ldb == n && m <= kPanelMaxRows) {  // C = A W, W (k x n) as stored
+        cpu::panel_product(m, n, k, a, k, panels(b, n, k, Layout::kColumns), c, n);
+        return;
+      }
+#endif
+      if (plain && tb == Tr::N && ldb == n && cpu::onednn_available()) {
+        gemm<float>(Tr::N, Tr::T, m, n, k, 1.f, a, k, transposed(b, k, n), k, 0.f, c, n);
+        return;
+      }
       if (nt_form && step_product(m, n, k, a, b, c)) return;
       if (nt_form && cpu::onednn_available()) {
         std::memcpy(c, product_nt(m, n, k, a, b).template const_data_ptr<float>(), sizeof(float) * m * n);
@@ -286,16 +298,33 @@ struct CpuBackend {
   // Weights packed for cpu::panel_tile once per op call, keyed by (pointer, shape, layout):
   // W_hh in the gate layout for lstm_step, and the other weights of per-step products in
   // the contiguous layout (product_panels).
-  std::vector<std::tuple<const void*, int64_t, int64_t, bool, at::Tensor>> panels_;
+  enum class Layout { kGates, kRows, kColumns };  // pack_panels (gates, rows of W), pack_panels_kn
+  std::vector<std::tuple<const void*, int64_t, int64_t, Layout, at::Tensor>> panels_;
 
-  const float* panels(const float* w, int64_t n, int64_t k, bool gates) {
-    for (auto& [ptr, rows, cols, g, t] : panels_) {
-      if (ptr == w && rows == n && cols == k && g == gates) return t.const_data_ptr<float>();
+  // W (n x k) for products A W^T (kGates, kRows), or W (k x n) for A W (kColumns).
+  const float* panels(const float* w, int64_t n, int64_t k, Layout layout) {
+    for (auto& [ptr, rows, cols, l, t] : panels_) {
+      if (ptr == w && rows == n && cols == k && l == layout) return t.const_data_ptr<float>();
     }
-    panels_.emplace_back(w, n, k, gates, cpu::pack_panels(w, n, k, gates));
+    panels_.emplace_back(w, n, k, layout,
+                         layout == Layout::kColumns ? cpu::pack_panels_kn(w, k, n)
+                                                    : cpu::pack_panels(w, n, k, layout == Layout::kGates));
     return std::get<4>(panels_.back()).const_data_ptr<float>();
   }
 #endif
+
+  // W (k x n)^T as a contiguous (n x k) copy, once per call: the form oneDNN's linear takes
+  // for a product A W.
+  std::vector<std::pair<const void*, at::Tensor>> transposed_;
+
+  const float* transposed(const float* w, int64_t k, int64_t n) {
+    for (auto& [ptr, t] : transposed_) {
+      if (ptr == w && t.size(0) == n && t.size(1) == k) return t.const_data_ptr<float>();
+    }
+    const auto opt = at::TensorOptions().dtype(at::kFloat);
+    transposed_.emplace_back(w, at::from_blob(const_cast<float*>(w), {k, n}, opt).t().contiguous());
+    return transposed_.back().second.const_data_ptr<float>();
+  }
 
   // Whether lstm_step takes the input term itself (x_t W_ih^T, in the same micro-kernel as
   // the recurrent one) instead of reading it from z: float32 batches of 4 .. kPanelMaxRows
@@ -347,8 +376,8 @@ struct CpuBackend {
       }
 #if defined(__AVX512F__)
       if (L.B <= kPanelMaxRows) {
-        const float* pw = panels(w_hh, 4 * H, L.P, true);
-        const float* pi = x_t ? panels(w_ih, 4 * H, L.I, true) : nullptr;
+        const float* pw = panels(w_hh, 4 * H, L.P, Layout::kGates);
+        const float* pi = x_t ? panels(w_ih, 4 * H, L.I, Layout::kGates) : nullptr;
         at::parallel_for(0, (H + 15) / 16, 1, [&](int64_t p0, int64_t p1) {
           for (int64_t p = p0; p < p1; ++p) {
             const int64_t u0 = p * 16, u1 = std::min(H, u0 + 16);

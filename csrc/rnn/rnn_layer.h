@@ -15,9 +15,10 @@
 //             dW_hh += dZ^T H_prev, db += colsum(dZ): a few large GEMMs over the chunk's rows;
 //             after the loop dW_hr = dH^T R (LSTMP).
 //
-// Every GEMM inside the time loop has the form C = A W^T (beta = 0) with a contiguous
-// weight W (the backward transposes W_hh and W_hr once, before the loop): the form of a
-// "linear" layer, which is what the fastest CPU GEMM available (oneDNN's) takes.
+// Every GEMM inside the time loop multiplies the step's rows by a weight as it is stored,
+// C = A W^T in the forward and C = A W in the backward (beta = 0, all contiguous); the
+// backend packs each weight for its own GEMM once per call (the CPU: panels for its
+// micro-kernel, a transposed copy where oneDNN takes the product).
 //
 // Shapes (contiguous): x (T, B, I), h0 (B, P), c0 (B, H), w_ih (G*H, I), w_hh (G*H, P),
 // bias (G*H) (b_ih + b_hh), w_hr (P, H); G = 4 for the LSTM (gates i, f, g, o), 1 for the
@@ -117,7 +118,7 @@ struct GradChunks {
   const at::Tensor& x;          // (T, B, I)
   const at::Tensor& h0;         // (B, P)
   const at::Tensor& hs;         // (T, B, P): the state after each step
-  const at::Tensor w_ih_t;      // (I, GH)
+  const at::Tensor& w_ih;       // (GH, I)
   const bool has_bias;
   const int64_t steps = BK::grad_chunk_steps(L);
   at::Tensor dz = at::empty({steps, L.B, GH}, x.options());  // the chunk's dZ
@@ -129,8 +130,8 @@ struct GradChunks {
 
   void flush() {
     const int64_t rows = n * L.B;
-    bk.template gemm<scalar_t>(Tr::N, Tr::T, rows, L.I, GH, 1, dz.const_data_ptr<scalar_t>(), GH,
-                               w_ih_t.const_data_ptr<scalar_t>(), GH, 0,
+    bk.template gemm<scalar_t>(Tr::N, Tr::N, rows, L.I, GH, 1, dz.const_data_ptr<scalar_t>(), GH,
+                               w_ih.const_data_ptr<scalar_t>(), L.I, 0,
                                dx.mutable_data_ptr<scalar_t>() + t_lo * L.B * L.I, L.I);
     auto [g_ih, g_hh, g_b] = bk.weight_grads(
         dz.narrow(0, 0, n).view({rows, GH}), x.narrow(0, t_lo, n).view({rows, L.I}),
@@ -191,7 +192,7 @@ void lstm_forward_loop(BK& bk, const Layer& L, const scalar_t* h0, const scalar_
 
 template <class BK, typename scalar_t, class GC>
 void lstm_backward_loop(BK& bk, const Layer& L, GC& gc, const scalar_t* dy, const scalar_t* x, const scalar_t* h0,
-                        const scalar_t* c0, const scalar_t* w_hh_t, const scalar_t* w_hr_t, const scalar_t* gates,
+                        const scalar_t* c0, const scalar_t* w_hh, const scalar_t* w_hr, const scalar_t* gates,
                         const scalar_t* hs, const scalar_t* cs, scalar_t* dh_a, scalar_t* dh_b, scalar_t* dc,
                         scalar_t* dr, scalar_t* dhs, scalar_t** dh_final) {
   // dh_a holds dh_n on entry; dc holds dc_n; on exit *dh_final points at dh_0, dc is dc_0.
@@ -203,19 +204,19 @@ void lstm_backward_loop(BK& bk, const Layer& L, GC& gc, const scalar_t* dy, cons
     const scalar_t* h_prev = L.first(t) ? h0 : hs + L.prev_time(t) * L.B * L.P;
     const scalar_t* dy_t = dy + t * L.B * L.P;
     scalar_t* dz_t = gc.dz_at(t);
-    if (w_hr_t == nullptr) {
+    if (w_hr == nullptr) {
       bk.template lstm_pointwise_backward<scalar_t>(L, t, gates + t * L.B * GH, cs + t * L.B * L.H, c_prev,
                                                      dy_t, dh_cur, dc, dz_t);
     } else {
       // dL/dh_t = dy_t + dh; it reaches r_t through the projection: dr = dh_t W_hr.
       scalar_t* g_t = dhs + t * L.B * L.P;
       bk.template add<scalar_t>(g_t, dy_t, dh_cur, L.B * L.P);
-      bk.template gemm<scalar_t>(Tr::N, Tr::T, L.B, L.H, L.P, 1, g_t, L.P, w_hr_t, L.P, 0, dr, L.H);
+      bk.template gemm<scalar_t>(Tr::N, Tr::N, L.B, L.H, L.P, 1, g_t, L.P, w_hr, L.H, 0, dr, L.H);
       bk.template lstm_pointwise_backward<scalar_t>(L, t, gates + t * L.B * GH, cs + t * L.B * L.H, c_prev,
                                                      dr, nullptr, dc, dz_t);
     }
     bk.template keep_step<scalar_t>(L, t - gc.t_lo, gc.n, dz_t, GH, x + t * L.B * L.I, h_prev);
-    bk.template gemm<scalar_t>(Tr::N, Tr::T, L.B, L.P, GH, 1, dz_t, GH, w_hh_t, GH, 0, dh_next, L.P);
+    bk.template gemm<scalar_t>(Tr::N, Tr::N, L.B, L.P, GH, 1, dz_t, GH, w_hh, L.P, 0, dh_next, L.P);
     if (L.lengths) bk.template keep_state<scalar_t>(L, t, dh_next, dh_cur, L.P);
     std::swap(dh_cur, dh_next);
   });
@@ -239,7 +240,7 @@ void rnn_forward_loop(BK& bk, const Layer& L, const scalar_t* h0, const scalar_t
 
 template <class BK, typename scalar_t, class GC>
 void rnn_backward_loop(BK& bk, const Layer& L, GC& gc, const scalar_t* dy, const scalar_t* x, const scalar_t* h0,
-                       const scalar_t* w_hh_t, const scalar_t* hs, bool relu, scalar_t* dh_a, scalar_t* dh_b,
+                       const scalar_t* w_hh, const scalar_t* hs, bool relu, scalar_t* dh_a, scalar_t* dh_b,
                        scalar_t** dh_final) {
   scalar_t* dh_cur = dh_a;
   scalar_t* dh_next = dh_b;
@@ -248,7 +249,7 @@ void rnn_backward_loop(BK& bk, const Layer& L, GC& gc, const scalar_t* dy, const
     bk.template rnn_pointwise_backward<scalar_t>(L, t, hs + t * L.B * L.H, dy + t * L.B * L.H, dh_cur, dz_t, relu);
     const scalar_t* h_prev = L.first(t) ? h0 : hs + L.prev_time(t) * L.B * L.H;
     bk.template keep_step<scalar_t>(L, t - gc.t_lo, gc.n, dz_t, L.H, x + t * L.B * L.I, h_prev);
-    bk.template gemm<scalar_t>(Tr::N, Tr::T, L.B, L.H, L.H, 1, dz_t, L.H, w_hh_t, L.H, 0, dh_next, L.H);
+    bk.template gemm<scalar_t>(Tr::N, Tr::N, L.B, L.H, L.H, 1, dz_t, L.H, w_hh, L.H, 0, dh_next, L.H);
     if (L.lengths) bk.template keep_state<scalar_t>(L, t, dh_next, dh_cur, L.H);
     std::swap(dh_cur, dh_next);
   });
@@ -355,16 +356,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor dhs = proj ? at::empty({L.T, L.B, L.P}, opt) : at::empty({0}, opt);
   at::Tensor dh0, dx, dw_ih, dw_hh, dbias;
   BK bk;
-  const at::Tensor w_hh_t = w_hh.t().contiguous();  // (P, 4H): every loop GEMM is A W^T
-  const at::Tensor w_hr_t = proj ? whr.t().contiguous() : at::Tensor();
   BK::dispatch(x.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
-    GradChunks<BK, scalar_t> gc{bk, L, 4 * L.H, x, h0, hs, w_ih.t().contiguous(), has_bias};
+    GradChunks<BK, scalar_t> gc{bk, L, 4 * L.H, x, h0, hs, w_ih, has_bias};
     scalar_t* dh_final = nullptr;
     lstm_backward_loop<BK, scalar_t>(bk, L, gc, dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
                                      h0.const_data_ptr<scalar_t>(), c0.const_data_ptr<scalar_t>(),
-                                     w_hh_t.const_data_ptr<scalar_t>(),
-                                     proj ? w_hr_t.const_data_ptr<scalar_t>() : nullptr,
+                                     w_hh.const_data_ptr<scalar_t>(),
+                                     proj ? whr.const_data_ptr<scalar_t>() : nullptr,
                                      gates.const_data_ptr<scalar_t>(), hs.const_data_ptr<scalar_t>(),
                                      cs.const_data_ptr<scalar_t>(), dh_a.mutable_data_ptr<scalar_t>(),
                                      dh_b.mutable_data_ptr<scalar_t>(), dc.mutable_data_ptr<scalar_t>(),
@@ -421,13 +420,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer
   at::Tensor dh_a = dhn.contiguous().clone(), dh_b = at::empty_like(dh_a);
   at::Tensor dh0, dx, dw_ih, dw_hh, dbias;
   BK bk;
-  const at::Tensor w_hh_t = w_hh.t().contiguous();
   BK::dispatch(x.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
-    GradChunks<BK, scalar_t> gc{bk, L, L.H, x, h0, hs, w_ih.t().contiguous(), has_bias};
+    GradChunks<BK, scalar_t> gc{bk, L, L.H, x, h0, hs, w_ih, has_bias};
     scalar_t* dh_final = nullptr;
     rnn_backward_loop<BK, scalar_t>(bk, L, gc, dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
-                                    h0.const_data_ptr<scalar_t>(), w_hh_t.const_data_ptr<scalar_t>(),
+                                    h0.const_data_ptr<scalar_t>(), w_hh.const_data_ptr<scalar_t>(),
                                     hs.const_data_ptr<scalar_t>(), relu, dh_a.mutable_data_ptr<scalar_t>(),
                                     dh_b.mutable_data_ptr<scalar_t>(), &dh_final);
     dh0 = dh_final == dh_a.mutable_data_ptr<scalar_t>() ? dh_a : dh_b;

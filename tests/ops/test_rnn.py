@@ -93,6 +93,15 @@ def test_float32_small_batches(B, H, proj):
     _compare("lstm", m, w, x, None, lengths, 2, True, dtype=torch.float32, scale=5)
 
 
+@pytest.mark.parametrize("kind,proj", [("lstm", 0), ("lstm", 5), ("tanh", 0)])
+def test_float32_batch_above_the_panel_kernel(kind, proj):
+    """B = 263 is above the CPU's panel micro-kernel (256 rows): the step's products go to
+    oneDNN, the backward's A W products through a transposed copy of W."""
+    m, w = _weights(kind, 6, 9, 1, True, proj, True, dtype=torch.float32)
+    x = torch.randn(3, 263, 6, requires_grad=True)
+    _compare(kind, m, w, x, None, None, 1, True, dtype=torch.float32, scale=5)
+
+
 @pytest.mark.parametrize("dtype", [D64, torch.float32])
 @pytest.mark.parametrize("kind,proj", [("lstm", 0), ("lstm", 3), ("relu", 0)])
 def test_backward_in_several_chunks(kind, proj, dtype):
