@@ -21,7 +21,20 @@ namespace {
 // the 1-ulp Sleef functions. float64 keeps the exact ones.
 struct VecMath {
   using VF = at::vec::Vectorized<float>;
-  static VF sigmoid(VF x) { return VF(1) / (VF(1) + (-x).exp_u20()); }
+  static VF sigmoid(VF x) {
+#if defined(CPU_CAPABILITY_AVX512)
+    // 1 / d by the 14-bit reciprocal estimate and one Newton step (r (2 - d r): ~2^-28
+    // relative), not a division; exp's argument is capped at 88 so that d stays finite
+    // (an infinite d would give inf * 0 in the Newton step; sigmoid(-88) ~ 6e-39 ~ 0).
+    // Measured: the recurrent part of the forward (T=100, H=512) 3% faster at B=64, 12% at
+    // B=8, alternating with nn.LSTM in one process.
+    const VF d = VF(1) + at::vec::minimum(-x, VF(88.f)).exp_u20();
+    const __m512 r = _mm512_rcp14_ps(d);
+    return VF(_mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.f))));
+#else
+    return VF(1) / (VF(1) + (-x).exp_u20());
+#endif
+  }
   static VF tanh(VF x) { return VF(2) * sigmoid(x + x) - VF(1); }
   template <typename V>
   static V sigmoid(V x) { return V(1) / (V(1) + (-x).exp()); }

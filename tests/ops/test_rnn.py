@@ -93,6 +93,22 @@ def test_float32_small_batches(B, H, proj):
     _compare("lstm", m, w, x, None, lengths, 2, True, dtype=torch.float32, scale=5)
 
 
+@pytest.mark.parametrize("B", [2, 5])
+def test_float32_saturated_gates_and_nan(B):
+    """Pre-activations of +-1e4: the CPU's float32 sigmoid (a reciprocal estimate and a
+    Newton step, exp's argument capped) must give exactly 0 or 1, not inf * 0 = NaN; a NaN
+    input must still come out as NaN in its own sequence only."""
+    m, w = _weights("lstm", 5, 19, dtype=torch.float32)
+    x = torch.randn(4, B, 5) * 1e4
+    x[2, 1, 0] = float("nan")
+    out, (h, c) = seqkernels.lstm(x, w)
+    exp, _ = ref.lstm(x.double(), [tuple(None if t is None else t.double() for t in ww) for ww in w])
+    finite = torch.ones(B, dtype=torch.bool)
+    finite[1] = False
+    assert out[:, finite].isfinite().all() and out[2:, 1].isnan().all()
+    torch.testing.assert_close(out[:, finite], exp[:, finite].float(), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("kind,proj", [("lstm", 0), ("lstm", 5), ("tanh", 0)])
 def test_float32_batch_above_the_panel_kernel(kind, proj):
     """B = 263 is above the CPU's panel micro-kernel (256 rows): the step's products go to
