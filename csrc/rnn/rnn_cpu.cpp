@@ -254,15 +254,16 @@ struct CpuBackend {
 
   // The pointwise step for batch row b and hidden units [u0, u1) (their four gate columns).
   // The pre-activations are z (the input term, unless z_in is false) + zh + bias; the
-  // activated gates are written to z.
+  // activated gates are written to z, unless z is null (inference with the input term
+  // formed in the step: nothing is kept).
   template <typename scalar_t>
   static void lstm_units_forward(const Layer& L, int64_t t, int64_t b, int64_t u0, int64_t u1, scalar_t* z,
                                  const scalar_t* zh, const scalar_t* bias, const scalar_t* c_prev,
                                  const scalar_t* h_prev, scalar_t* c_t, scalar_t* out, bool z_in = true) {
     using Vec = at::vec::Vectorized<scalar_t>;
     const int64_t H = L.H, W = Vec::size();
-    scalar_t* zi = z + b * 4 * H;
-    scalar_t *zf = zi + H, *zg = zi + 2 * H, *zo = zi + 3 * H;
+    const bool keep = z != nullptr;  // null: no input term and no gates to keep (inference)
+    scalar_t* zi = keep ? z + b * 4 * H : nullptr;
     const scalar_t* ri = zh + b * 4 * H;
     const scalar_t* cp = c_prev + b * H;
     scalar_t* c = c_t + b * H;
@@ -274,36 +275,37 @@ struct CpuBackend {
       } else {
         std::fill(h + u0, h + u1, scalar_t(0));
       }
-      for (int64_t g = 0; g < 4; ++g) std::fill(zi + g * H + u0, zi + g * H + u1, scalar_t(0));
+      if (keep) {
+        for (int64_t g = 0; g < 4; ++g) std::fill(zi + g * H + u0, zi + g * H + u1, scalar_t(0));
+      }
       return;
     }
+    z_in = z_in && keep;
     int64_t j = u0;
     for (; j + W <= u1; j += W) {
-      Vec i = Vec::loadu(ri + j), f = Vec::loadu(ri + H + j), g = Vec::loadu(ri + 2 * H + j),
-          o = Vec::loadu(ri + 3 * H + j);
-      if (z_in) {
-        i = i + Vec::loadu(zi + j);
-        f = f + Vec::loadu(zf + j);
-        g = g + Vec::loadu(zg + j);
-        o = o + Vec::loadu(zo + j);
-      }
-      if (bias) {
-        i = i + Vec::loadu(bias + j);
-        f = f + Vec::loadu(bias + H + j);
-        g = g + Vec::loadu(bias + 2 * H + j);
-        o = o + Vec::loadu(bias + 3 * H + j);
+      Vec v[4];
+      for (int64_t q = 0; q < 4; ++q) {
+        v[q] = Vec::loadu(ri + q * H + j);
+        if (z_in) v[q] = v[q] + Vec::loadu(zi + q * H + j);
+        if (bias) v[q] = v[q] + Vec::loadu(bias + q * H + j);
       }
       Vec cn, hn;
-      lstm_forward<VecMath>(i, f, g, o, Vec::loadu(cp + j), cn, hn);
-      i.store(zi + j); f.store(zf + j); g.store(zg + j); o.store(zo + j);
+      lstm_forward<VecMath>(v[0], v[1], v[2], v[3], Vec::loadu(cp + j), cn, hn);
+      if (keep) {
+        for (int64_t q = 0; q < 4; ++q) v[q].store(zi + q * H + j);
+      }
       cn.store(c + j);
       hn.store(h + j);
     }
     for (; j < u1; ++j) {
+      scalar_t v[4];
       for (int64_t q = 0; q < 4; ++q) {
-        zi[q * H + j] = (z_in ? zi[q * H + j] : scalar_t(0)) + ri[q * H + j] + (bias ? bias[q * H + j] : scalar_t(0));
+        v[q] = (z_in ? zi[q * H + j] : scalar_t(0)) + ri[q * H + j] + (bias ? bias[q * H + j] : scalar_t(0));
       }
-      lstm_forward<ScalarMath>(zi[j], zf[j], zg[j], zo[j], cp[j], c[j], h[j]);
+      lstm_forward<ScalarMath>(v[0], v[1], v[2], v[3], cp[j], c[j], h[j]);
+      if (keep) {
+        for (int64_t q = 0; q < 4; ++q) zi[q * H + j] = v[q];
+      }
     }
   }
 

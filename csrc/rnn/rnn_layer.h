@@ -165,7 +165,7 @@ void backward_chunks(const Layer& L, GC& gc, Step&& step) {
 // cell state after step t; r_at(t): o * tanh(c) of step t (LSTMP). With a workspace these
 // index (T, ...) buffers that the backward keeps; without, chunked and rolling buffers.
 // With x and w_ih (BK::fuses_input), the step forms the input term itself and z_at(t)
-// only receives the activated gates.
+// only receives the activated gates (null in inference: nothing is kept).
 template <class BK, typename scalar_t, class ZAt, class CAt, class RAt>
 void lstm_forward_loop(BK& bk, const Layer& L, const scalar_t* h0, const scalar_t* c0,
                        const scalar_t* w_hh, const scalar_t* bias, const scalar_t* w_hr,
@@ -291,7 +291,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   // With a workspace: the input term of every step at once, one (T*B, I) x (I, 4H) product
   // (or, where the step forms it, just the buffer for the activated gates).
   const bool fuse = BK::fuses_input(L, x.scalar_type());
-  at::Tensor gates = !workspace ? at::empty({fuse ? L.B : 0, GH}, opt)  // fused inference: one step's gates
+  at::Tensor gates = !workspace ? at::empty({0}, opt)
                      : fuse     ? at::empty({L.T, L.B, GH}, opt)
                                 : bk.input_projection(x.view({L.T * L.B, L.I}), w_ih).view({L.T, L.B, GH});
   at::Tensor cs = at::empty({workspace ? L.T : 2, L.B, L.H}, opt);
@@ -303,7 +303,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     using scalar_t = decltype(tag);
     auto z_at = [&](int64_t t) -> scalar_t* {
       if (workspace) return gates.mutable_data_ptr<scalar_t>() + t * L.B * GH;
-      if (fuse) return gates.mutable_data_ptr<scalar_t>();
+      if (fuse) return nullptr;  // the step forms the input term, and inference keeps no gates
       if (t < z_lo || t >= z_hi) {  // the chunk of steps that follow t in processing order
         z_lo = reverse ? std::max<int64_t>(0, t - chunk + 1) : t;
         z_hi = reverse ? t + 1 : std::min(L.T, t + chunk);
@@ -331,7 +331,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   hn.copy_(states[last]);
   cn.copy_(cs[workspace ? last : last % 2]);
   if (!workspace) {
-    return {y, hn, cn, at::empty({0}, opt), hs, at::empty({0}, opt), at::empty({0}, opt)};
+    return {y, hn, cn, gates, hs, at::empty({0}, opt), at::empty({0}, opt)};
   }
   return {y, hn, cn, gates, hs, cs, rs};
 }
