@@ -86,20 +86,52 @@ struct CpuBackend {
     }
   }
 
-  // Weights packed for oneDNN once per op call, keyed by (pointer, shape): the time loop
-  // multiplies by the same W_hh at every step. A packed weight serves products with any
-  // number of rows (the row count given when packing is a hint only: measured no
-  // different), so the chunked input projection's shorter last chunk reuses it.
-  std::vector<std::tuple<const void*, int64_t, int64_t, at::Tensor>> packed_;
+  // Weights prepared for a GEMM once per op call, keyed by (pointer, shape, form): the time
+  // loop multiplies by the same weights at every step. The forms: packed for oneDNN (a
+  // packed weight serves products with any number of rows: the row count given when
+  // packing is a hint only, measured no different, so the chunked input projection's
+  // shorter last chunk reuses it), packed into panels for cpu::panel_tile (W_hh in the
+  // gate layout for lstm_step, other per-step weights in the contiguous layout, by rows
+  // of W for A W^T or by columns for A W), and transposed for oneDNN's A W.
+  enum class Form { kOneDnn, kGatePanels, kRowPanels, kColumnPanels, kTransposed };
+  std::vector<std::tuple<const void*, int64_t, int64_t, Form, at::Tensor>> prepared_;
   at::Tensor last_;  // the result matmul_nt returned, kept alive until the next call
 
-  const at::Tensor& packed(const float* w, int64_t n, int64_t k, int64_t batch) {
-    for (auto& [ptr, rows, cols, t] : packed_) {
-      if (ptr == w && rows == n && cols == k) return t;
+  template <class Make>
+  at::Tensor prepared(const float* w, int64_t n, int64_t k, Form form, Make&& make) {
+    for (auto& [ptr, rows, cols, f, t] : prepared_) {
+      if (ptr == w && rows == n && cols == k && f == form) return t;
     }
-    at::Tensor dense = at::from_blob(const_cast<float*>(w), {n, k}, at::TensorOptions().dtype(at::kFloat));
-    packed_.emplace_back(w, n, k, cpu::onednn_pack(dense, batch));
-    return std::get<3>(packed_.back());
+    prepared_.emplace_back(w, n, k, form, make());
+    return std::get<4>(prepared_.back());
+  }
+
+  // W (n x k) packed for oneDNN.
+  at::Tensor packed(const float* w, int64_t n, int64_t k, int64_t batch) {
+    return prepared(w, n, k, Form::kOneDnn, [&] {
+      return cpu::onednn_pack(at::from_blob(const_cast<float*>(w), {n, k}, at::TensorOptions().dtype(at::kFloat)),
+                              batch);
+    });
+  }
+
+#if defined(__AVX512F__)
+  // W (n x k) for products A W^T (kGatePanels, kRowPanels), or W (k x n) for A W
+  // (kColumnPanels), packed for cpu::panel_tile.
+  const float* panels(const float* w, int64_t n, int64_t k, Form form) {
+    return prepared(w, n, k, form, [&] {
+             return form == Form::kColumnPanels ? cpu::pack_panels_kn(w, k, n)
+                                                : cpu::pack_panels(w, n, k, form == Form::kGatePanels);
+           })
+        .const_data_ptr<float>();
+  }
+#endif
+
+  // W (k x n)^T as a contiguous (n x k) copy: the form oneDNN's linear takes for A W.
+  const float* transposed(const float* w, int64_t k, int64_t n) {
+    return prepared(w, n, k, Form::kTransposed, [&] {
+             return at::from_blob(const_cast<float*>(w), {k, n}, at::TensorOptions().dtype(at::kFloat)).t().contiguous();
+           })
+        .const_data_ptr<float>();
   }
 
   // A (m x k) times W^T (W n x k), both contiguous float32, through oneDNN with W packed.
@@ -120,7 +152,7 @@ struct CpuBackend {
     }
 #if defined(__AVX512F__)
     if (m <= kPanelMaxRows) {
-      cpu::panel_product(m, n, k, a, k, panels(w, n, k, Layout::kRows), c, n);
+      cpu::panel_product(m, n, k, a, k, panels(w, n, k, Form::kRowPanels), c, n);
       return true;
     }
 #endif
@@ -138,7 +170,7 @@ struct CpuBackend {
       const bool nt_form = plain && tb == Tr::T && ldb == k;
 #if defined(__AVX512F__)
       if (plain && tb == Tr::N && ldb == n && m <= kPanelMaxRows) {  // C = A W, W (k x n) as stored
-        cpu::panel_product(m, n, k, a, k, panels(b, n, k, Layout::kColumns), c, n);
+        cpu::panel_product(m, n, k, a, k, panels(b, n, k, Form::kColumnPanels), c, n);
         return;
       }
 #endif
@@ -309,38 +341,6 @@ struct CpuBackend {
     }
   }
 
-#if defined(__AVX512F__)
-  // Weights packed for cpu::panel_tile once per op call, keyed by (pointer, shape, layout):
-  // W_hh in the gate layout for lstm_step, and the other weights of per-step products in
-  // the contiguous layout (product_panels).
-  enum class Layout { kGates, kRows, kColumns };  // pack_panels (gates, rows of W), pack_panels_kn
-  std::vector<std::tuple<const void*, int64_t, int64_t, Layout, at::Tensor>> panels_;
-
-  // W (n x k) for products A W^T (kGates, kRows), or W (k x n) for A W (kColumns).
-  const float* panels(const float* w, int64_t n, int64_t k, Layout layout) {
-    for (auto& [ptr, rows, cols, l, t] : panels_) {
-      if (ptr == w && rows == n && cols == k && l == layout) return t.const_data_ptr<float>();
-    }
-    panels_.emplace_back(w, n, k, layout,
-                         layout == Layout::kColumns ? cpu::pack_panels_kn(w, k, n)
-                                                    : cpu::pack_panels(w, n, k, layout == Layout::kGates));
-    return std::get<4>(panels_.back()).const_data_ptr<float>();
-  }
-#endif
-
-  // W (k x n)^T as a contiguous (n x k) copy, once per call: the form oneDNN's linear takes
-  // for a product A W.
-  std::vector<std::pair<const void*, at::Tensor>> transposed_;
-
-  const float* transposed(const float* w, int64_t k, int64_t n) {
-    for (auto& [ptr, t] : transposed_) {
-      if (ptr == w && t.size(0) == n && t.size(1) == k) return t.const_data_ptr<float>();
-    }
-    const auto opt = at::TensorOptions().dtype(at::kFloat);
-    transposed_.emplace_back(w, at::from_blob(const_cast<float*>(w), {k, n}, opt).t().contiguous());
-    return transposed_.back().second.const_data_ptr<float>();
-  }
-
   // Whether lstm_step takes the input term itself (x_t W_ih^T, in the same micro-kernel as
   // the recurrent one) instead of reading it from z: float32 batches of 4 .. kPanelMaxRows
   // on AVX-512. Then no input projection is formed before the loop: at T=100, I=H=512,
@@ -391,8 +391,8 @@ struct CpuBackend {
       }
 #if defined(__AVX512F__)
       if (L.B <= kPanelMaxRows) {
-        const float* pw = panels(w_hh, 4 * H, L.P, Layout::kGates);
-        const float* pi = x_t ? panels(w_ih, 4 * H, L.I, Layout::kGates) : nullptr;
+        const float* pw = panels(w_hh, 4 * H, L.P, Form::kGatePanels);
+        const float* pi = x_t ? panels(w_ih, 4 * H, L.I, Form::kGatePanels) : nullptr;
         at::parallel_for(0, (H + 15) / 16, 1, [&](int64_t p0, int64_t p1) {
           for (int64_t p = p0; p < p1; ++p) {
             const int64_t u0 = p * 16, u1 = std::min(H, u0 + 16);
