@@ -141,8 +141,14 @@ inline at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& w) {
 
 inline at::Tensor onednn_pack(const at::Tensor& w, int64_t batch) { return pack_op()->call(w, batch); }
 
-// max of x[0:n]. Four independent accumulators: a single chain of vector max
-// instructions would be bound by their latency, not by loads.
+// max of x[0:n], NaN if any element is NaN (at::vec::maximum propagates NaN; the scalar
+// tail must too: std::max(m, NaN) would return m). Four independent accumulators: a
+// single chain of vector max instructions would be bound by their latency, not by loads.
+template <typename scalar_t>
+inline scalar_t nan_max(scalar_t a, scalar_t b) {
+  return (a != a || b != b) ? std::numeric_limits<scalar_t>::quiet_NaN() : std::max(a, b);
+}
+
 template <typename scalar_t>
 inline scalar_t row_max(const scalar_t* x, int64_t n) {
   using Vec = at::vec::Vectorized<scalar_t>;
@@ -159,7 +165,7 @@ inline scalar_t row_max(const scalar_t* x, int64_t n) {
   for (; j + W <= n; j += W) m0 = at::vec::maximum(m0, Vec::loadu(x + j));
   m0 = at::vec::maximum(at::vec::maximum(m0, m1), at::vec::maximum(m2, m3));
   scalar_t m = at::vec::vec_reduce_all<scalar_t>([](Vec a, Vec b) { return at::vec::maximum(a, b); }, m0);
-  for (; j < n; ++j) m = std::max(m, x[j]);
+  for (; j < n; ++j) m = nan_max(m, x[j]);
   return m;
 }
 

@@ -131,10 +131,8 @@ MaskInputs check_mask_inputs(const Dims& d, const at::Tensor& q,
     in.mask = a;
   }
   if (key_lengths.has_value() && key_lengths->defined()) {
-    const at::Tensor& kl = *key_lengths;
-    TORCH_CHECK(kl.dim() == 1 && kl.size(0) == d.B && kl.scalar_type() == at::kLong && kl.device() == q.device(),
-                "flash_attention: key_lengths must be an int64 tensor of shape (B,) = (", d.B, ",) on ", q.device());
-    in.key_lengths = kl.contiguous();
+    check_index_arg(*key_lengths, "flash_attention", "key_lengths", d.B, 0, d.Lk, q);
+    in.key_lengths = key_lengths->contiguous();
   }
   return in;
 }
@@ -152,6 +150,9 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v)
   TORCH_CHECK(k.size(2) == v.size(2), "flash_attention: k and v lengths differ");
   TORCH_CHECK(q.size(3) == k.size(3), "flash_attention: q and k head dims differ");
   TORCH_CHECK(q.size(2) > 0 && k.size(2) > 0, "flash_attention: lengths must be positive");
+  TORCH_CHECK(q.size(3) > 0 && v.size(3) > 0, "flash_attention: head dims must be positive, got ", q.size(3),
+              " and ", v.size(3));
+  TORCH_CHECK(q.device() == k.device() && q.device() == v.device(), "flash_attention: q, k, v must be on one device");
 }
 
 template <typename scalar_t>
@@ -205,9 +206,11 @@ void forward_kernel(const Dims& d, const attention::Masking<scalar_t>& mk, const
           scalar_t* srow = S + r * cols;
           mk.apply(srow, b, h, i0 + r, j0, cols, tile);
           const scalar_t tile_max = row_max(srow, cols);
+          // NaN anywhere (a score, the running max) makes m_new NaN, and with it alpha, l
+          // and the whole row: NaN reaches every output it touches, as in the math.
           const scalar_t m_new = (m[r] != kNegInf && tile_max <= m[r] + scalar_t(kSlack))
                                      ? m[r]
-                                     : std::max(m[r], tile_max);
+                                     : nan_max(m[r], tile_max);
           if (m_new == kNegInf) {  // nothing visible yet: this tile adds nothing to the row
             std::fill(srow, srow + cols, scalar_t(0));
             continue;
@@ -369,17 +372,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_backward_cpu(
     double dropout_p, const std::optional<at::Tensor>& rng_state) {
   check_inputs(q_, k_, v_);
   const at::Tensor q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous();
-  const at::Tensor dout = grad_out_.contiguous().to(q.scalar_type());
-  const at::Tensor lse = lse_.contiguous().to(q.scalar_type());
   const Dims d = make_dims(q, k, v);
+  // Every tensor the kernel reads, checked against q's problem: a wrong batch, heads or
+  // length would be read out of bounds.
+  constexpr const char* op = "flash_attention_backward";
+  check_arg(grad_out_, op, "grad_out", {d.B, d.H, d.Lq, d.Dv}, q);
+  check_arg(out_, op, "out", {d.B, d.H, d.Lq, d.Dv}, q);
+  TORCH_CHECK(lse_.sizes() == at::IntArrayRef({d.B, d.H, d.Lq}) && at::isFloatingType(lse_.scalar_type()) &&
+                  lse_.device() == q.device(),
+              op, ": lse must be a floating tensor of shape (B, H, Lq) = ", at::IntArrayRef({d.B, d.H, d.Lq}),
+              " on ", q.device(), ", got ", lse_.scalar_type(), " of shape ", lse_.sizes());
+  const bool has_glse = grad_lse.has_value() && grad_lse->defined();
+  if (has_glse) {
+    TORCH_CHECK(grad_lse->sizes() == lse_.sizes() && at::isFloatingType(grad_lse->scalar_type()) &&
+                    grad_lse->device() == q.device(),
+                op, ": grad_lse must be a floating tensor of lse's shape ", lse_.sizes(), ", got ",
+                grad_lse->scalar_type(), " of shape ", grad_lse->sizes());
+  }
+  const at::Tensor dout = grad_out_.contiguous();
+  const at::Tensor lse = lse_.contiguous().to(q.scalar_type());
   const MaskInputs mask_in = check_mask_inputs(d, q, attn_mask, key_lengths);
-  TORCH_CHECK(dout.sizes() == out_.sizes() && out_.size(3) == d.Dv && out_.size(2) == d.Lq,
-              "flash_attention_backward: grad_out and out must be (B, H, Lq, Dv)");
-  TORCH_CHECK(lse.dim() == 3 && lse.size(2) == d.Lq, "flash_attention_backward: lse must be (B, H, Lq)");
 
   // delta_i = rowsum(dO_i * O_i) - dlse_i: one O(n d) pass, then O(n) memory.
-  at::Tensor delta = (dout * out_.to(q.scalar_type())).sum(-1);
-  if (grad_lse.has_value() && grad_lse->defined()) delta = delta - grad_lse->to(q.scalar_type());
+  at::Tensor delta = (dout * out_).sum(-1);
+  if (has_glse) delta = delta - grad_lse->to(q.scalar_type());
   delta = delta.contiguous();
 
   // One dQ partial per key chunk. More chunks than 1 only when (batch x kv heads) alone

@@ -78,10 +78,15 @@ inline void check_layer_args(const at::Tensor& x, const at::Tensor& h0, const at
                 "recurrent layer: every tensor must have x's dtype and device");
   }
   if (lengths.has_value() && lengths->defined()) {
-    TORCH_CHECK(lengths->scalar_type() == at::kLong && lengths->dim() == 1 && lengths->size(0) == x.size(1) &&
-                    lengths->device() == x.device(),
-                "recurrent layer: lengths must be an int64 (B,) tensor on x's device");
+    check_index_arg(*lengths, "recurrent layer", "lengths", x.size(1), 1, x.size(0), x);
   }
+}
+
+// The tensors a backward reads besides the forward's inputs: each must cover every step
+// and sequence (a shorter one would be read out of bounds).
+inline void check_saved(const at::Tensor& t, const char* op, const char* name, at::IntArrayRef sizes,
+                        const at::Tensor& x) {
+  check_arg(t, op, name, sizes, x);
 }
 
 // The states before steps t_lo .. t_lo+n-1, stacked (n, B, P): the state before step t is
@@ -266,6 +271,18 @@ void rnn_backward_loop(BK& bk, const Layer& L, GC& gc, const scalar_t* dy, const
 // lives in two rolling buffers.
 constexpr int64_t kChunkBytes = 4 << 20;
 
+// The LSTM's own arguments: c0 (B, H), w_hr (P, H) for LSTMP (else P == H), bias (4H).
+inline void check_lstm_args(const at::Tensor& x, const at::Tensor& c0, const at::Tensor& whr, bool proj,
+                            const std::optional<at::Tensor>& bias, const Layer& L, const char* op) {
+  check_arg(c0, op, "c0", {L.B, L.H}, x);
+  if (proj) {
+    check_arg(whr, op, "w_hr", {L.P, L.H}, x);
+  } else {
+    TORCH_CHECK(L.P == L.H, op, ": w_hh must be (4H, H) without w_hr, got ", L.P, " columns for H = ", L.H);
+  }
+  if (bias.has_value() && bias->defined()) check_arg(*bias, op, "bias", {4 * L.H}, x);
+}
+
 template <class BK>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_forward(
     const at::Tensor& x_, const at::Tensor& h0_, const at::Tensor& c0_, const at::Tensor& w_ih_,
@@ -277,14 +294,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const bool proj = w_hr.has_value() && w_hr->defined();
   const at::Tensor whr = proj ? w_hr->contiguous() : at::Tensor();
   const Layer L = make_layer(x, w_hh, 4, reverse, lengths);
-  TORCH_CHECK(c0.sizes() == at::IntArrayRef({L.B, L.H}), "lstm layer: c0 must be (B, H)");
-  TORCH_CHECK(!proj || (whr.size(0) == L.P && whr.size(1) == L.H), "lstm layer: w_hr must be (P, H)");
+  check_lstm_args(x, c0, whr, proj, bias, L, "lstm_layer_forward");
   const auto opt = x.options();
   const int64_t GH = 4 * L.H;
   BK bk;
   const bool has_bias = bias.has_value() && bias->defined();
   const at::Tensor b = has_bias ? bias->contiguous() : at::Tensor();
-  TORCH_CHECK(!has_bias || b.numel() == GH, "lstm layer: bias must have 4H elements");
   at::Tensor y = new_output({L.T, L.B, L.P}, opt);
   at::Tensor hs = L.lengths ? at::empty({L.T, L.B, L.P}, opt) : at::empty({0}, opt);
   at::Tensor zh = at::empty({L.B, GH}, opt);
@@ -349,7 +364,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const bool proj = w_hr.has_value() && w_hr->defined();
   const at::Tensor whr = proj ? w_hr->contiguous() : at::Tensor();
   const Layer L = make_layer(x, w_hh, 4, reverse, lengths);
+  constexpr const char* op = "lstm_layer_backward";
+  check_lstm_args(x, c0, whr, proj, std::nullopt, L, op);
+  check_saved(dy_, op, "grad_y", {L.T, L.B, L.P}, x);
+  check_saved(dhn, op, "grad_h_n", {L.B, L.P}, x);
+  check_saved(dcn, op, "grad_c_n", {L.B, L.H}, x);
+  check_saved(gates, op, "gates", {L.T, L.B, 4 * L.H}, x);
+  check_saved(y, op, "y", {L.T, L.B, L.P}, x);
+  if (L.lengths) check_saved(hs_, op, "hs", {L.T, L.B, L.P}, x);
+  check_saved(cs, op, "cs", {L.T, L.B, L.H}, x);
+  if (proj) check_saved(rs, op, "rs", {L.T, L.B, L.H}, x);
   const at::Tensor hs = L.lengths ? hs_.contiguous() : y.contiguous();
+  const at::Tensor gates_c = gates.contiguous(), cs_c = cs.contiguous();
+  const at::Tensor rs_c = proj ? rs.contiguous() : rs;
   const auto opt = x.options();
   at::Tensor dh_a = dhn.contiguous().clone(), dh_b = at::empty_like(dh_a), dc = dcn.contiguous().clone();
   at::Tensor dr = proj ? at::empty({L.B, L.H}, opt) : at::empty({0}, opt);
@@ -364,8 +391,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                                      h0.const_data_ptr<scalar_t>(), c0.const_data_ptr<scalar_t>(),
                                      w_hh.const_data_ptr<scalar_t>(),
                                      proj ? whr.const_data_ptr<scalar_t>() : nullptr,
-                                     gates.const_data_ptr<scalar_t>(), hs.const_data_ptr<scalar_t>(),
-                                     cs.const_data_ptr<scalar_t>(), dh_a.mutable_data_ptr<scalar_t>(),
+                                     gates_c.const_data_ptr<scalar_t>(), hs.const_data_ptr<scalar_t>(),
+                                     cs_c.const_data_ptr<scalar_t>(), dh_a.mutable_data_ptr<scalar_t>(),
                                      dh_b.mutable_data_ptr<scalar_t>(), dc.mutable_data_ptr<scalar_t>(),
                                      proj ? dr.mutable_data_ptr<scalar_t>() : nullptr,
                                      proj ? dhs.mutable_data_ptr<scalar_t>() : nullptr, &dh_final);
@@ -373,7 +400,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     dx = gc.dx;
     std::tie(dw_ih, dw_hh, dbias) = gc.weight_grads();
   });
-  at::Tensor dw_hr = proj ? BK::mm(dhs.view({L.T * L.B, L.P}).t(), rs.view({L.T * L.B, L.H})) : at::empty({0}, opt);
+  at::Tensor dw_hr = proj ? BK::mm(dhs.view({L.T * L.B, L.P}).t(), rs_c.view({L.T * L.B, L.H})) : at::empty({0}, opt);
   return {dx, dh0, dc, dw_ih, dw_hh, dbias, dw_hr};
 }
 
@@ -384,13 +411,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rnn_layer_forward(const at::Tenso
   check_layer_args(x_, h0_, w_ih_, w_hh_, 1, lengths);
   const at::Tensor x = x_.contiguous(), h0 = h0_.contiguous(), w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
   const Layer L = make_layer(x, w_hh, 1, reverse, lengths);
-  TORCH_CHECK(L.P == L.H, "rnn layer: w_hh must be square");
+  TORCH_CHECK(L.P == L.H, "rnn_layer_forward: w_hh must be square, got ", w_hh.sizes());
+  const bool has_bias = bias.has_value() && bias->defined();
+  if (has_bias) check_arg(*bias, "rnn_layer_forward", "bias", {L.H}, x);
   const auto opt = x.options();
   BK bk;
   at::Tensor z = bk.input_projection(x.view({L.T * L.B, L.I}), w_ih).view({L.T, L.B, L.H});
-  const bool has_bias = bias.has_value() && bias->defined();
   const at::Tensor b = has_bias ? bias->contiguous() : at::Tensor();
-  TORCH_CHECK(!has_bias || b.numel() == L.H, "rnn layer: bias must have H elements");
   at::Tensor y = new_output({L.T, L.B, L.H}, opt);
   at::Tensor hs = L.lengths ? at::empty({L.T, L.B, L.H}, opt) : at::empty({0}, opt);
   at::Tensor zh = at::empty({L.B, L.H}, opt);
@@ -416,6 +443,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer
   const at::Tensor x = x_.contiguous(), h0 = h0_.contiguous(), w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
   const at::Tensor dy = dy_.contiguous();
   const Layer L = make_layer(x, w_hh, 1, reverse, lengths);
+  constexpr const char* op = "rnn_layer_backward";
+  TORCH_CHECK(L.P == L.H, op, ": w_hh must be square, got ", w_hh.sizes());
+  check_saved(dy_, op, "grad_y", {L.T, L.B, L.H}, x);
+  check_saved(dhn, op, "grad_h_n", {L.B, L.H}, x);
+  check_saved(y, op, "y", {L.T, L.B, L.H}, x);
+  if (L.lengths) check_saved(hs_, op, "hs", {L.T, L.B, L.H}, x);
   const at::Tensor hs = L.lengths ? hs_.contiguous() : y.contiguous();
   at::Tensor dh_a = dhn.contiguous().clone(), dh_b = at::empty_like(dh_a);
   at::Tensor dh0, dx, dw_ih, dw_hh, dbias;

@@ -14,9 +14,11 @@ import torch  # noqa: F401  (the extension needs torch's libraries loaded first)
 from . import _C  # noqa: F401
 from . import nn, reference
 from ._info import build_info
-from .ops.attention import flash_attention, scaled_dot_product_attention
+from .ops.attention import flash_attention
+from .ops.sdpa import scaled_dot_product_attention
 from .ops.rnn import lstm, lstm_cell, rnn, rnn_cell
+from . import errors
 
 
-__all__ = ["__version__", "build_info", "flash_attention", "lstm", "lstm_cell", "nn", "reference", "rnn", "rnn_cell",
+__all__ = ["__version__", "build_info", "errors", "flash_attention", "lstm", "lstm_cell", "nn", "reference", "rnn", "rnn_cell",
            "scaled_dot_product_attention"]

@@ -406,9 +406,11 @@ def test_sdpa_dropout_matches_reference_with_the_kernel_mask():
     (lambda q, k, v: seqkernels.scaled_dot_product_attention(q, k[:, :2], v[:, :2]), ValueError, "enable_gqa"),
     (lambda q, k, v: seqkernels.scaled_dot_product_attention(q, k, v, attn_mask=torch.ones(6, 7, dtype=torch.bool)),
      ValueError, "attn_mask"),
-    (lambda q, k, v: seqkernels.scaled_dot_product_attention(q[0, 0], k[0, 0], v[0, 0]), ValueError, "query"),
+    (lambda q, k, v: seqkernels.scaled_dot_product_attention(q[0, 0, 0], k[0, 0, 0], v[0, 0, 0]), ValueError,
+     "query"),
     (lambda q, k, v: seqkernels.scaled_dot_product_attention(q, k[None], v[None]), ValueError, "rank"),
-    (lambda q, k, v: seqkernels.scaled_dot_product_attention(q, k[:1], v[:1]), ValueError, "batch"),
+    (lambda q, k, v: seqkernels.scaled_dot_product_attention(q, torch.cat([k, k[:1]]), torch.cat([v, v[:1]])),
+     ValueError, "broadcast"),
     (lambda q, k, v: seqkernels.scaled_dot_product_attention(q, k, v, dropout_p=2.0), ValueError, "dropout_p"),
     (lambda q, k, v: seqkernels.scaled_dot_product_attention(q, k, v.float()), TypeError, "dtype"),
 ])

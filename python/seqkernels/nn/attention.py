@@ -17,13 +17,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..errors import ModuleArgumentError, ModuleArgumentTypeError
 from ..ops import attention as _ops
+from ._script import NotScriptable
 from ..reference.transformer import multi_head_attention as _materialized_mha
 
 
 def _check_mask(mask: Optional[Tensor], name: str) -> None:
     if mask is not None and mask.dtype != torch.bool and not mask.dtype.is_floating_point:
-        raise TypeError(f"MultiheadAttention: {name} must be bool or floating point, got {mask.dtype}")
+        raise ModuleArgumentTypeError(f"MultiheadAttention: {name} must be bool or floating point, got {mask.dtype}")
 
 
 def _key_lengths(key_padding_mask: Tensor) -> Optional[Tensor]:
@@ -38,7 +40,7 @@ def _key_lengths(key_padding_mask: Tensor) -> Optional[Tensor]:
     return None
 
 
-class MultiheadAttention(torch.nn.MultiheadAttention):
+class MultiheadAttention(NotScriptable, torch.nn.MultiheadAttention):
     """``torch.nn.MultiheadAttention`` (same arguments and parameters) on seqkernels' kernels.
 
     forward(query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
@@ -69,7 +71,11 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         average_attn_weights: bool = True,
         is_causal: bool = False,
     ) -> tuple[Tensor, Optional[Tensor]]:
-        self._check_inputs(query, key, value, key_padding_mask, attn_mask, is_causal)
+        if is_causal and key_padding_mask is None and not need_weights and attn_mask is not None:
+            # torch's path: the is_causal hint replaces attn_mask (which it does not check)
+            self._check_inputs(query, key, value, key_padding_mask, None, False)
+        else:
+            self._check_inputs(query, key, value, key_padding_mask, attn_mask, is_causal)
         dropout = self.dropout if self.training else 0.0
         if need_weights:
             return _materialized_mha(
@@ -86,17 +92,17 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         fn = "MultiheadAttention"
         for name, t in (("query", query), ("key", key), ("value", value)):
             if not isinstance(t, Tensor):
-                raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
+                raise ModuleArgumentTypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
             if t.dim() != query.dim() or t.dim() not in (2, 3):
-                raise ValueError(f"{fn}: query, key and value must all be 2-D (unbatched) or 3-D, got "
+                raise ModuleArgumentError(f"{fn}: query, key and value must all be 2-D (unbatched) or 3-D, got "
                                  f"{query.dim()}, {key.dim()}, {value.dim()} dims")
         if query.shape[-1] != self.embed_dim:
-            raise ValueError(f"{fn}: query's last dim must be embed_dim = {self.embed_dim}, got {query.shape[-1]}")
+            raise ModuleArgumentError(f"{fn}: query's last dim must be embed_dim = {self.embed_dim}, got {query.shape[-1]}")
         if key.shape[-1] != self.kdim or value.shape[-1] != self.vdim:
-            raise ValueError(f"{fn}: key and value last dims must be kdim = {self.kdim} and vdim = {self.vdim}, "
+            raise ModuleArgumentError(f"{fn}: key and value last dims must be kdim = {self.kdim} and vdim = {self.vdim}, "
                              f"got {key.shape[-1]} and {value.shape[-1]}")
         if key.shape[:-1] != value.shape[:-1]:
-            raise ValueError(f"{fn}: key and value must have the same leading shape, got "
+            raise ModuleArgumentError(f"{fn}: key and value must have the same leading shape, got "
                              f"{tuple(key.shape)} and {tuple(value.shape)}")
         _check_mask(attn_mask, "attn_mask")
         _check_mask(key_padding_mask, "key_padding_mask")
@@ -108,14 +114,14 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         L = query.shape[-2] if (not batched or self.batch_first) else query.shape[0]
         S = key.shape[-2] if (not batched or self.batch_first) else key.shape[0]
         if batched and (key.shape[0 if self.batch_first else 1] != N):
-            raise ValueError(f"{fn}: query and key batch sizes differ")
+            raise ModuleArgumentError(f"{fn}: query and key batch sizes differ")
         if key_padding_mask is not None:
             want = (N, S) if batched else (S,)
             if tuple(key_padding_mask.shape) != want:
-                raise ValueError(f"{fn}: key_padding_mask must have shape {want}, got "
+                raise ModuleArgumentError(f"{fn}: key_padding_mask must have shape {want}, got "
                                  f"{tuple(key_padding_mask.shape)}")
         if attn_mask is not None and tuple(attn_mask.shape) not in ((L, S), (N * self.num_heads, L, S)):
-            raise ValueError(f"{fn}: attn_mask must have shape {(L, S)} or {(N * self.num_heads, L, S)}, "
+            raise ModuleArgumentError(f"{fn}: attn_mask must have shape {(L, S)} or {(N * self.num_heads, L, S)}, "
                              f"got {tuple(attn_mask.shape)}")
 
     def _fused(self, query, key, value, key_padding_mask, attn_mask, is_causal, dropout) -> Tensor:

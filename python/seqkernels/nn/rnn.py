@@ -21,7 +21,9 @@ import torch
 from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
+from ..errors import ArgumentError
 from ..ops import rnn as _ops
+from ._script import NotScriptable
 
 
 def _weight_tuples(module: torch.nn.RNNBase, lstm: bool) -> list[tuple]:
@@ -59,7 +61,7 @@ def _repack(output: Tensor, lengths: Tensor, like: PackedSequence) -> PackedSequ
     return PackedSequence(p.data, p.batch_sizes, like.sorted_indices, like.unsorted_indices)
 
 
-class LSTM(torch.nn.RNNBase):
+class LSTM(NotScriptable, torch.nn.RNNBase):
     """``torch.nn.LSTM`` on the fused seqkernels kernels (same arguments, parameters and results)."""
 
     def __init__(self, *args, **kwargs):
@@ -83,12 +85,12 @@ class LSTM(torch.nn.RNNBase):
         return output, (h_n, c_n)
 
 
-class RNN(torch.nn.RNNBase):
+class RNN(NotScriptable, torch.nn.RNNBase):
     """``torch.nn.RNN`` (tanh or relu) on the fused seqkernels kernels."""
 
     def __init__(self, *args, **kwargs):
         if "proj_size" in kwargs:
-            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+            raise ArgumentError("proj_size argument is only supported for LSTM, not RNN or GRU")
         # torch.nn.RNN's signature: (input_size, hidden_size, num_layers, nonlinearity, ...)
         if len(args) > 3:
             nonlinearity, args = args[3], args[:3] + args[4:]
@@ -96,7 +98,7 @@ class RNN(torch.nn.RNNBase):
             nonlinearity = kwargs.pop("nonlinearity", "tanh")
         modes = {"tanh": "RNN_TANH", "relu": "RNN_RELU"}
         if nonlinearity not in modes:
-            raise ValueError(f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'.")
+            raise ArgumentError(f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'.")
         super().__init__(modes[nonlinearity], *args, **kwargs)
         self.nonlinearity = nonlinearity
 
@@ -113,7 +115,7 @@ class RNN(torch.nn.RNNBase):
         return output, h_n
 
 
-class LSTMCell(torch.nn.LSTMCell):
+class LSTMCell(NotScriptable, torch.nn.LSTMCell):
     """``torch.nn.LSTMCell`` on the fused seqkernels kernels."""
 
     def forward(self, input: Tensor, hx: Optional[tuple[Tensor, Tensor]] = None):  # noqa: D102
@@ -122,7 +124,7 @@ class LSTMCell(torch.nn.LSTMCell):
         return _ops.lstm_cell(input, hx, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
 
 
-class RNNCell(torch.nn.RNNCell):
+class RNNCell(NotScriptable, torch.nn.RNNCell):
     """``torch.nn.RNNCell`` (tanh or relu) on the fused seqkernels kernels."""
 
     def forward(self, input: Tensor, hx: Optional[Tensor] = None):  # noqa: D102

@@ -13,7 +13,11 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from torch.overrides import handle_torch_function, has_torch_function
+
 from .. import _C  # noqa: F401  (registers the schemas and the CPU kernels)
+from ..errors import ArgumentError, ArgumentTypeError
+from ._common import forbid_double_backward, functorch_wrapped, script_unsupported
 from ..reference.attention import flash_attention as _reference_flash_attention
 from ..reference.philox import dropout_keep_mask
 
@@ -22,6 +26,13 @@ _bwd = torch.ops.seqkernels.flash_attention_backward
 
 MAX_HEAD_DIM = 256
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def is_causal_bias(t) -> bool:
+    """Whether t is torch's CausalBias (a tensor subclass with no values of its own)."""
+    from torch.nn.attention.bias import CausalBias
+
+    return isinstance(t, CausalBias)
 
 
 def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -70,6 +81,7 @@ def _backward(ctx, grad_out, grad_lse):
 
 
 torch.library.register_autograd("seqkernels::flash_attention_forward", _backward, setup_context=_setup_context)
+forbid_double_backward("seqkernels::flash_attention_backward")
 
 
 # --- CUDA body -------------------------------------------------------------------------------
@@ -108,6 +120,7 @@ def _materialized(q, k, v, causal, bottom_right, scale, attn_mask, key_lengths, 
 @torch.library.impl("seqkernels::flash_attention_forward", "CUDA")
 def _fwd_cuda(q, k, v, causal, bottom_right, scale, attn_mask=None, key_lengths=None, dropout_p=0.0,
               rng_state=None):
+    check_key_lengths_range(key_lengths, k.shape[2], "flash_attention_forward")
     if _use_triton(q):
         return _triton().forward(q, k, v, causal, bottom_right, scale, attn_mask, key_lengths, dropout_p, rng_state)
     return _materialized(q, k, v, causal, bottom_right, scale, attn_mask, key_lengths, dropout_p, rng_state)
@@ -116,6 +129,7 @@ def _fwd_cuda(q, k, v, causal, bottom_right, scale, attn_mask=None, key_lengths=
 @torch.library.impl("seqkernels::flash_attention_backward", "CUDA")
 def _bwd_cuda(grad_out, grad_lse, q, k, v, out, lse, causal, bottom_right, scale, attn_mask=None,
               key_lengths=None, dropout_p=0.0, rng_state=None):
+    check_key_lengths_range(key_lengths, k.shape[2], "flash_attention_backward")
     if _use_triton(q):
         return _triton().backward(grad_out, grad_lse, q, k, v, out, lse, causal, bottom_right, scale, attn_mask,
                                   key_lengths, dropout_p, rng_state)
@@ -137,30 +151,30 @@ def check_attention_inputs(q: Tensor, k: Tensor, v: Tensor, fn: str = "flash_att
     """Raise a ValueError/TypeError naming the argument for anything the kernels do not take."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
-            raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
+            raise ArgumentTypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
-            raise ValueError(f"{fn}: {name} must be 4-D (batch, heads, seq, head_dim), got shape {tuple(t.shape)}")
+            raise ArgumentError(f"{fn}: {name} must be 4-D (batch, heads, seq, head_dim), got shape {tuple(t.shape)}")
         if t.dtype not in _DTYPES:
-            raise TypeError(f"{fn}: {name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+            raise ArgumentTypeError(f"{fn}: {name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
     if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"{fn}: q, k and v must have the same dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+        raise ArgumentTypeError(f"{fn}: q, k and v must have the same dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
-        raise ValueError(f"{fn}: q, k and v must be on the same device, got {q.device}, {k.device}, {v.device}")
+        raise ArgumentError(f"{fn}: q, k and v must be on the same device, got {q.device}, {k.device}, {v.device}")
     if not (q.shape[0] == k.shape[0] == v.shape[0]):
-        raise ValueError(f"{fn}: batch sizes differ: q {q.shape[0]}, k {k.shape[0]}, v {v.shape[0]}")
+        raise ArgumentError(f"{fn}: batch sizes differ: q {q.shape[0]}, k {k.shape[0]}, v {v.shape[0]}")
     if k.shape[1] != v.shape[1]:
-        raise ValueError(f"{fn}: k and v must have the same number of heads, got {k.shape[1]} and {v.shape[1]}")
+        raise ArgumentError(f"{fn}: k and v must have the same number of heads, got {k.shape[1]} and {v.shape[1]}")
     if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
-        raise ValueError(f"{fn}: the query heads ({q.shape[1]}) must be a multiple of the key/value heads ({k.shape[1]})")
+        raise ArgumentError(f"{fn}: the query heads ({q.shape[1]}) must be a multiple of the key/value heads ({k.shape[1]})")
     if k.shape[2] != v.shape[2]:
-        raise ValueError(f"{fn}: k and v must have the same length, got {k.shape[2]} and {v.shape[2]}")
+        raise ArgumentError(f"{fn}: k and v must have the same length, got {k.shape[2]} and {v.shape[2]}")
     if q.shape[2] == 0 or k.shape[2] == 0:
-        raise ValueError(f"{fn}: sequence lengths must be at least 1, got q {q.shape[2]} and k {k.shape[2]}")
+        raise ArgumentError(f"{fn}: sequence lengths must be at least 1, got q {q.shape[2]} and k {k.shape[2]}")
     if q.shape[3] != k.shape[3]:
-        raise ValueError(f"{fn}: q and k head dims differ: {q.shape[3]} and {k.shape[3]}")
+        raise ArgumentError(f"{fn}: q and k head dims differ: {q.shape[3]} and {k.shape[3]}")
     for name, dim in (("q/k", q.shape[3]), ("v", v.shape[3])):
         if not 1 <= dim <= MAX_HEAD_DIM:
-            raise ValueError(f"{fn}: the {name} head dim must be between 1 and {MAX_HEAD_DIM}, got {dim}")
+            raise ArgumentError(f"{fn}: the {name} head dim must be between 1 and {MAX_HEAD_DIM}, got {dim}")
 
 
 def _check_mask_args(q: Tensor, k: Tensor, attn_mask, key_lengths, dropout_p, fn: str) -> None:
@@ -168,27 +182,47 @@ def _check_mask_args(q: Tensor, k: Tensor, attn_mask, key_lengths, dropout_p, fn
     B, H, Lq, Lk = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
     if attn_mask is not None:
         if not isinstance(attn_mask, Tensor):
-            raise TypeError(f"{fn}: attn_mask must be a torch.Tensor, got {type(attn_mask).__name__}")
+            raise ArgumentTypeError(f"{fn}: attn_mask must be a torch.Tensor, got {type(attn_mask).__name__}")
+        if is_causal_bias(attn_mask):
+            raise ArgumentTypeError(f"{fn}: attn_mask is a torch.nn.attention.bias.CausalBias, which holds no "
+                                    "values: pass causal=True (bottom-right) here, or use "
+                                    "seqkernels.scaled_dot_product_attention, which takes CausalBias masks")
         if attn_mask.dtype != torch.bool and not attn_mask.dtype.is_floating_point:
-            raise TypeError(f"{fn}: attn_mask must be bool or floating point, got {attn_mask.dtype}")
+            raise ArgumentTypeError(f"{fn}: attn_mask must be bool or floating point, got {attn_mask.dtype}")
         if attn_mask.device != q.device:
-            raise ValueError(f"{fn}: attn_mask must be on {q.device}, got {attn_mask.device}")
+            raise ArgumentError(f"{fn}: attn_mask must be on {q.device}, got {attn_mask.device}")
         if attn_mask.dim() > 4 or any(
             a not in (1, f) for a, f in zip(reversed(attn_mask.shape), (Lk, Lq, H, B))
         ):
-            raise ValueError(f"{fn}: attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to "
+            raise ArgumentError(f"{fn}: attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to "
                              f"(batch, heads, Lq, Lk) = {(B, H, Lq, Lk)}")
     if key_lengths is not None:
         if not isinstance(key_lengths, Tensor) or key_lengths.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"{fn}: key_lengths must be an int32 or int64 tensor")
+            raise ArgumentTypeError(f"{fn}: key_lengths must be an int32 or int64 tensor")
         if key_lengths.shape != (B,):
-            raise ValueError(f"{fn}: key_lengths must have shape (batch,) = ({B},), got {tuple(key_lengths.shape)}")
+            raise ArgumentError(f"{fn}: key_lengths must have shape (batch,) = ({B},), got {tuple(key_lengths.shape)}")
         if key_lengths.device != q.device:
-            raise ValueError(f"{fn}: key_lengths must be on {q.device}, got {key_lengths.device}")
-        if not torch.compiler.is_compiling() and bool(((key_lengths < 0) | (key_lengths > Lk)).any()):
-            raise ValueError(f"{fn}: key_lengths must be between 0 and Lk = {Lk}, got {key_lengths.tolist()}")
+            raise ArgumentError(f"{fn}: key_lengths must be on {q.device}, got {key_lengths.device}")
+        if not _is_symbolic(key_lengths):  # traced calls: the op checks the values when it runs
+            check_key_lengths_range(key_lengths, Lk, fn)
     if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p <= 1.0:
-        raise ValueError(f"{fn}: dropout_p must be a float in [0, 1], got {dropout_p!r}")
+        raise ArgumentError(f"{fn}: dropout_p must be a float in [0, 1], got {dropout_p!r}")
+
+
+def _is_symbolic(t: Tensor) -> bool:
+    """True for tensors without values to read: under torch.compile, fake or meta tensors."""
+    return torch.compiler.is_compiling() or t.device.type == "meta" or isinstance(t, torch._subclasses.FakeTensor)
+
+
+def check_key_lengths_range(key_lengths: Optional[Tensor], Lk: int, fn: str) -> None:
+    """key_lengths values must lie in [0, Lk]. Run by the Python API before the op and by the
+    op bodies themselves (the C++ kernel checks in C++), so that a compiled graph, which
+    skips the Python check, still raises."""
+    if key_lengths is None or key_lengths.numel() == 0:
+        return
+    lo, hi = (int(x) for x in torch.aminmax(key_lengths))
+    if lo < 0 or hi > Lk:
+        raise ArgumentError(f"{fn}: key_lengths must lie in [0, Lk] = [0, {Lk}], got values in [{lo}, {hi}]")
 
 
 def _new_rng_state() -> Tensor:
@@ -270,94 +304,29 @@ def flash_attention(
         >>> q = torch.randn(2, 8, 128, 64); k = v = torch.randn(2, 2, 128, 64)
         >>> out = seqkernels.flash_attention(q, k, v, causal=True)   # (2, 8, 128, 64)
     """
+    tensors = tuple(t for t in (q, k, v, attn_mask, key_lengths) if isinstance(t, Tensor))
+    if has_torch_function(tensors):  # a tensor subclass: its own __torch_function__ decides
+        return handle_torch_function(flash_attention, tensors, q, k, v, causal, scale, return_lse,
+                                     attn_mask=attn_mask, key_lengths=key_lengths, dropout_p=dropout_p)
     check_attention_inputs(q, k, v)
     _check_mask_args(q, k, attn_mask, key_lengths, dropout_p, "flash_attention")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    out, lse = _attention(q, k, v, causal, True, scale, attn_mask, key_lengths, dropout_p)
+    if functorch_wrapped(q, k, v, attn_mask):  # torch.func transforms: the same math, materialized
+        out, lse = _materialized_native(q, k, v, causal, scale, attn_mask, key_lengths, dropout_p)
+    else:
+        out, lse = _attention(q, k, v, causal, True, scale, attn_mask, key_lengths, dropout_p)
     return (out, lse) if return_lse else out
 
 
-def scaled_dot_product_attention(
-    query: Tensor,
-    key: Tensor,
-    value: Tensor,
-    attn_mask: Optional[Tensor] = None,
-    dropout_p: float = 0.0,
-    is_causal: bool = False,
-    scale: Optional[float] = None,
-    enable_gqa: bool = False,
-) -> Tensor:
-    """Drop-in for ``torch.nn.functional.scaled_dot_product_attention`` on the fused kernels.
-
-    Same signature, semantics and results: query (..., L, E), key (..., S, E), value
-    (..., S, Ev) of rank 3 or more with equal leading (batch) dims; ``attn_mask``
-    broadcastable to (..., L, S), boolean (True = takes part) or float (added);
-    ``is_causal`` is torch's **top-left** causal mask (query i sees keys j <= i) and may not
-    be combined with ``attn_mask``; ``dropout_p`` is applied whenever it is > 0, as torch's
-    function does; ``enable_gqa`` lets key/value have fewer heads (dim -3) than query.
-
-    Runs the flash kernels in O(L + S) extra memory, except when a float ``attn_mask``
-    requires grad: its gradient needs the full score matrix, so that call runs the
-    materialized math (O(L * S) memory). A query row that sees no key gives zeros, as
-    torch's math backend does. Returns (..., L, Ev).
-    """
-    fn = "scaled_dot_product_attention"
-    for name, t in (("query", query), ("key", key), ("value", value)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() < 3:
-            raise ValueError(f"{fn}: {name} must have at least 3 dims (..., seq, head_dim), got {tuple(t.shape)}")
-    if query.dim() != key.dim() or query.dim() != value.dim():
-        raise ValueError(f"{fn}: query, key and value must have the same rank, got "
-                         f"{query.dim()}, {key.dim()}, {value.dim()}")
-    if is_causal and attn_mask is not None:
-        raise RuntimeError(f"{fn}: attn_mask and is_causal cannot both be set (torch raises too)")
-    if query.shape[:-3] != key.shape[:-3] or key.shape[:-3] != value.shape[:-3]:
-        raise ValueError(f"{fn}: query, key and value must have the same batch dims, got "
-                         f"{tuple(query.shape[:-3])}, {tuple(key.shape[:-3])}, {tuple(value.shape[:-3])}")
-    hq, hk = query.shape[-3], key.shape[-3]
-    if hq != hk and not enable_gqa:
-        raise ValueError(f"{fn}: query has {hq} heads and key {hk}: pass enable_gqa=True for "
-                         "grouped-query attention")
-    lead = query.shape[:-3]
-    B = int(torch.Size(lead).numel())
-    L, S = query.shape[-2], key.shape[-2]
-    q = query.reshape(B, hq, L, query.shape[-1])
-    k = key.reshape(B, hk, S, key.shape[-1])
-    v = value.reshape(B, value.shape[-3], S, value.shape[-1])
-    check_attention_inputs(q, k, v, fn)
-    mask4 = None
-    if attn_mask is not None:
-        if not isinstance(attn_mask, Tensor) or attn_mask.dim() > query.dim():
-            raise ValueError(f"{fn}: attn_mask must be a tensor broadcastable to "
-                             f"{tuple(query.shape[:-1]) + (S,)}")
-        try:
-            full = torch.broadcast_shapes(attn_mask.shape, tuple(query.shape[:-1]) + (S,))
-        except RuntimeError:
-            full = None
-        if full != tuple(query.shape[:-1]) + (S,):
-            raise ValueError(f"{fn}: attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to "
-                             f"{tuple(query.shape[:-1]) + (S,)}")
-        mask4 = attn_mask
-        if attn_mask.dim() > 4 or (attn_mask.dim() == 4 and query.dim() > 4):
-            # fold the leading batch dims into one (a copy only where they mix broadcast and not)
-            mask4 = attn_mask.expand(*lead, *attn_mask.shape[-3:]).reshape(B, *attn_mask.shape[-3:])
-    _check_mask_args(q, k, mask4, None, dropout_p, fn)
-    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
-    if mask4 is not None and mask4.dtype != torch.bool and mask4.requires_grad:
-        out = _materialized_sdpa(q, k, v, mask4, dropout_p, scale)
-    else:
-        out, _ = _attention(q, k, v, is_causal, False, scale, mask4, None, dropout_p)
-    return out.reshape(*query.shape[:-1], value.shape[-1])
+script_unsupported(flash_attention, "seqkernels.flash_attention")
 
 
-def _materialized_sdpa(q, k, v, attn_mask, dropout_p, scale):
-    """The float-mask-with-gradient case: plain autograd through the materialized math, with
-    the kernels' own dropout mask."""
-    from ..reference.attention import scaled_dot_product_attention as ref_sdpa
-
-    if dropout_p >= 1.0:
-        return _materialized_sdpa(q, k, v, attn_mask, 0.0, scale) * 0
-    keep = _keep_mask(q, k, dropout_p, _new_rng_state() if dropout_p > 0.0 else None)
-    return ref_sdpa(q, k, v, attn_mask=attn_mask.to(q.dtype), dropout_p=float(dropout_p), scale=scale,
-                    enable_gqa=True, dropout_mask=keep)
+def _materialized_native(q, k, v, causal, scale, attn_mask, key_lengths, dropout_p):
+    """flash_attention's math with the full score matrix in plain PyTorch ops, for
+    torch.func transforms (grad, vmap, jacrev, ...), which the custom ops do not support."""
+    if attn_mask is not None and attn_mask.dtype != torch.bool:
+        attn_mask = attn_mask.to(q.dtype)
+    p = 0.0 if dropout_p >= 1.0 else float(dropout_p)
+    out, lse = _materialized(q, k, v, causal, True, scale, attn_mask, key_lengths, p,
+                             _new_rng_state() if p > 0.0 else None)
+    return (out * 0 if dropout_p >= 1.0 else out), lse

@@ -15,12 +15,19 @@ import torch
 from torch import Tensor
 
 from .. import _C  # noqa: F401  (registers the schemas and the CPU/CUDA kernels)
+from ..errors import ArgumentError, ArgumentTypeError
+from ._common import forbid_double_backward, functorch_wrapped, script_unsupported
 
 _ops = torch.ops.seqkernels
 
 
 def _empty(like: Tensor) -> Tensor:
     return like.new_empty(0)
+
+
+def _like(t: Tensor) -> Tensor:
+    """A contiguous tensor of t's shape, dtype and device (what the kernels return)."""
+    return t.new_empty(t.shape)
 
 
 # --- fake kernels --------------------------------------------------------------------------
@@ -39,9 +46,10 @@ def _lstm_fwd_fake(x, h0, c0, w_ih, w_hh, bias, w_hr, lengths, reverse, workspac
 
 @torch.library.register_fake("seqkernels::lstm_layer_backward")
 def _lstm_bwd_fake(gy, ghn, gcn, x, h0, c0, w_ih, w_hh, w_hr, lengths, reverse, gates, y, hs, cs, rs, has_bias):
-    return (torch.empty_like(x), torch.empty_like(h0), torch.empty_like(c0), torch.empty_like(w_ih),
-            torch.empty_like(w_hh), x.new_empty(w_ih.shape[0]) if has_bias else _empty(x),
-            torch.empty_like(w_hr) if w_hr is not None else _empty(x))
+    # the kernels return contiguous gradients whatever the inputs' strides (empty_like would
+    # keep a batch_first input's transposed strides, which breaks compiled backward graphs)
+    return (_like(x), _like(h0), _like(c0), _like(w_ih), _like(w_hh),
+            x.new_empty(w_ih.shape[0]) if has_bias else _empty(x), _like(w_hr) if w_hr is not None else _empty(x))
 
 
 @torch.library.register_fake("seqkernels::rnn_layer_forward")
@@ -53,8 +61,7 @@ def _rnn_fwd_fake(x, h0, w_ih, w_hh, bias, lengths, reverse, relu):
 
 @torch.library.register_fake("seqkernels::rnn_layer_backward")
 def _rnn_bwd_fake(gy, ghn, x, h0, w_ih, w_hh, lengths, reverse, relu, y, hs, has_bias):
-    return (torch.empty_like(x), torch.empty_like(h0), torch.empty_like(w_ih), torch.empty_like(w_hh),
-            x.new_empty(w_ih.shape[0]) if has_bias else _empty(x))
+    return _like(x), _like(h0), _like(w_ih), _like(w_hh), x.new_empty(w_ih.shape[0]) if has_bias else _empty(x)
 
 
 # --- autograd ------------------------------------------------------------------------------
@@ -106,6 +113,8 @@ def _rnn_backward(ctx, gy, ghn, _ghs):
 
 torch.library.register_autograd("seqkernels::lstm_layer_forward", _lstm_backward, setup_context=_lstm_setup)
 torch.library.register_autograd("seqkernels::rnn_layer_forward", _rnn_backward, setup_context=_rnn_setup)
+forbid_double_backward("seqkernels::lstm_layer_backward")
+forbid_double_backward("seqkernels::rnn_layer_backward")
 
 
 # --- argument checks -------------------------------------------------------------------------
@@ -115,22 +124,22 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 def _check_tensor(name: str, t, like: Tensor, shape: Optional[tuple] = None, fn: str = "lstm") -> None:
     if not isinstance(t, Tensor):
-        raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        raise ArgumentTypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype != like.dtype:
-        raise TypeError(f"{fn}: {name} must have the input's dtype {like.dtype}, got {t.dtype}")
+        raise ArgumentTypeError(f"{fn}: {name} must have the input's dtype {like.dtype}, got {t.dtype}")
     if t.device != like.device:
-        raise ValueError(f"{fn}: {name} must be on the input's device {like.device}, got {t.device}")
+        raise ArgumentError(f"{fn}: {name} must be on the input's device {like.device}, got {t.device}")
     if shape is not None and tuple(t.shape) != tuple(shape):
-        raise ValueError(f"{fn}: {name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+        raise ArgumentError(f"{fn}: {name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
 
 
 def _check_input(x: Tensor, fn: str) -> None:
     if not isinstance(x, Tensor):
-        raise TypeError(f"{fn}: input must be a torch.Tensor, got {type(x).__name__}")
+        raise ArgumentTypeError(f"{fn}: input must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in _DTYPES:
-        raise TypeError(f"{fn}: input must be a floating-point tensor (float16/bfloat16/float32/float64), got {x.dtype}")
+        raise ArgumentTypeError(f"{fn}: input must be a floating-point tensor (float16/bfloat16/float32/float64), got {x.dtype}")
     if x.device.type == "cpu" and x.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"{fn}: on the CPU the input must be float32 or float64, got {x.dtype}")
+        raise ArgumentTypeError(f"{fn}: on the CPU the input must be float32 or float64, got {x.dtype}")
 
 
 def _check_lengths(lengths: Optional[Tensor], T: int, B: int, device, fn: str) -> Optional[Tensor]:
@@ -139,12 +148,14 @@ def _check_lengths(lengths: Optional[Tensor], T: int, B: int, device, fn: str) -
     if not isinstance(lengths, Tensor):
         lengths = torch.as_tensor(lengths)
     if lengths.dtype not in (torch.int32, torch.int64) or lengths.dim() != 1:
-        raise TypeError(f"{fn}: lengths must be a 1-D integer tensor, got {lengths.dtype} of shape {tuple(lengths.shape)}")
+        raise ArgumentTypeError(f"{fn}: lengths must be a 1-D integer tensor, got {lengths.dtype} of shape {tuple(lengths.shape)}")
     if lengths.shape[0] != B:
-        raise ValueError(f"{fn}: lengths must have one entry per sequence ({B}), got {lengths.shape[0]}")
+        raise ArgumentError(f"{fn}: lengths must have one entry per sequence ({B}), got {lengths.shape[0]}")
+    if B == 0:
+        return lengths.to(device=device, dtype=torch.int64)
     lo, hi = int(lengths.min()), int(lengths.max())
     if lo < 1 or hi > T:
-        raise ValueError(f"{fn}: lengths must lie in [1, {T}] (the sequence length), got values in [{lo}, {hi}]")
+        raise ArgumentError(f"{fn}: lengths must lie in [1, {T}] (the sequence length), got values in [{lo}, {hi}]")
     return lengths.to(device=device, dtype=torch.int64)
 
 
@@ -154,7 +165,7 @@ def _bias(b_ih: Optional[Tensor], b_hh: Optional[Tensor]) -> Optional[Tensor]:
     if b_ih is None and b_hh is None:
         return None
     if b_ih is None or b_hh is None:
-        raise ValueError("b_ih and b_hh must both be given or both be None")
+        raise ArgumentError("b_ih and b_hh must both be given or both be None")
     return b_ih + b_hh
 
 
@@ -162,21 +173,25 @@ def _network(kind, input, hx, weights, num_layers, bidirectional, batch_first, d
              relu=False):
     fn = "lstm" if kind == "lstm" else "rnn"
     _check_input(input, fn)
+    if functorch_wrapped(input, *(hx if isinstance(hx, (tuple, list)) else (hx,)), *[t for w in weights for t in w]):
+        raise RuntimeError(f"seqkernels.{fn}: torch.func transforms (grad, vmap, jacrev, ...) are not supported by "
+                           "the fused recurrent kernels; use torch.autograd.grad, or the plain-PyTorch "
+                           "seqkernels.reference implementations under torch.func")
     if input.dim() not in (2, 3):
-        raise ValueError(f"{fn}: input must be 2-D (seq, feature) unbatched or 3-D, got shape {tuple(input.shape)}")
+        raise ArgumentError(f"{fn}: input must be 2-D (seq, feature) unbatched or 3-D, got shape {tuple(input.shape)}")
     D = 2 if bidirectional else 1
     if len(weights) != num_layers * D:
-        raise ValueError(f"{fn}: expected {num_layers * D} weight tuples (num_layers x directions), got {len(weights)}")
+        raise ArgumentError(f"{fn}: expected {num_layers * D} weight tuples (num_layers x directions), got {len(weights)}")
     unbatched = input.dim() == 2
     x = input.unsqueeze(1) if unbatched else (input.transpose(0, 1) if batch_first else input)
     T, B, feat = x.shape
-    if T == 0 or B == 0:
-        raise ValueError(f"{fn}: input must have at least one time step and one sequence, got shape {tuple(input.shape)}")
+    if T == 0:
+        raise ArgumentError(f"{fn}: Expected sequence length to be larger than 0 in RNN, got shape {tuple(input.shape)}")
     G = 4 if kind == "lstm" else 1
     w0 = weights[0]
     H, P = w0[1].shape[0] // G, w0[1].shape[1]
     if w0[0].shape[1] != feat:
-        raise ValueError(f"{fn}: input has {feat} features but w_ih of layer 0 expects {w0[0].shape[1]}")
+        raise ArgumentError(f"{fn}: input has {feat} features but w_ih of layer 0 expects {w0[0].shape[1]}")
     for k, w in enumerate(weights):
         for name, t in zip(("w_ih", "w_hh", "b_ih", "b_hh", "w_hr"), w):
             if t is not None:
@@ -193,7 +208,7 @@ def _network(kind, input, hx, weights, num_layers, bidirectional, batch_first, d
             c0 = x.new_zeros(num_layers * D, B, H)
         else:
             if not (isinstance(hx, (tuple, list)) and len(hx) == 2):
-                raise TypeError("lstm: hx must be a tuple (h_0, c_0)")
+                raise ArgumentTypeError("lstm: hx must be a tuple (h_0, c_0)")
             h0, c0 = hx
             if unbatched:
                 h0, c0 = h0.unsqueeze(1) if h0.dim() == 2 else h0, c0.unsqueeze(1) if c0.dim() == 2 else c0
@@ -206,6 +221,11 @@ def _network(kind, input, hx, weights, num_layers, bidirectional, batch_first, d
             h0 = hx.unsqueeze(1) if unbatched and hx.dim() == 2 else hx
             _check_tensor("h_0", h0, x, (num_layers * D, B, H), fn)
 
+    if B == 0:  # an empty batch, as torch: empty outputs and states
+        out = x.new_zeros(T, 0, D * P)
+        output = out.transpose(0, 1) if batch_first else out
+        h_n = x.new_zeros(num_layers * D, 0, P)
+        return (output, h_n) if kind == "rnn" else (output, (h_n, x.new_zeros(num_layers * D, 0, H)))
     finals_h, finals_c = [], []
     for layer in range(num_layers):
         outs = []
@@ -264,35 +284,78 @@ def rnn(input: Tensor, weights: Sequence[tuple], hx: Optional[Tensor] = None, *,
     (L*D, B, H). Returns (output, h_n).
     """
     if nonlinearity not in ("tanh", "relu"):
-        raise ValueError(f"rnn: nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
+        raise ArgumentError(f"rnn: nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
     return _network("rnn", input, hx, weights, num_layers, bidirectional, batch_first, dropout, training, lengths,
                     relu=nonlinearity == "relu")
+
+
+def _cell_state(name: str, h: Tensor, x: Tensor, batched: bool, hidden: int, fn: str, what: str) -> Tensor:
+    """torch's checks of a cell's state: rank 1 (unbatched) or 2, batch and hidden size as
+    the input's; returns it as (1, B, H) for the one-step layer. Never reshapes."""
+    if not isinstance(h, Tensor):
+        raise ArgumentTypeError(f"{fn}: {name} must be a torch.Tensor, got {type(h).__name__}")
+    if h.dim() not in (1, 2):
+        raise ArgumentError(f"{fn}: Expected {what} to be 1D or 2D, got {h.dim()}D instead")
+    if batched and h.dim() != 2 or not batched and h.dim() != 1:
+        raise ArgumentError(f"{fn}: for {'batched 2-D' if batched else 'unbatched 1-D'} input, {what} should also "
+                            f"be {'2-D' if batched else '1-D'}, got {h.dim()}-D")
+    h2 = h if batched else h.unsqueeze(0)
+    if h2.shape[0] != x.shape[0]:
+        raise ArgumentError(f"{fn}: Input batch size {x.shape[0]} doesn't match {name} batch size {h2.shape[0]}")
+    if h2.shape[1] != hidden:
+        raise ArgumentError(f"{fn}: {name} has inconsistent hidden_size: got {h2.shape[1]}, expected {hidden}")
+    return h2.unsqueeze(0)
+
+
+def _cell_input(input: Tensor, w_ih: Tensor, fn: str) -> Tensor:
+    _check_input(input, fn)
+    if input.dim() not in (1, 2):
+        raise ArgumentError(f"{fn}: Expected input to be 1D or 2D, got {input.dim()}D instead")
+    if input.shape[-1] != w_ih.shape[1]:
+        raise ArgumentError(f"{fn}: input has inconsistent input_size: got {input.shape[-1]} expected {w_ih.shape[1]}")
+    return input.unsqueeze(0) if input.dim() == 1 else input
 
 
 def lstm_cell(input: Tensor, hx: Optional[tuple[Tensor, Tensor]], w_ih: Tensor, w_hh: Tensor,
               b_ih: Optional[Tensor] = None, b_hh: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """One fused LSTM step, the math of ``torch.nn.LSTMCell``: input (B, I) or (I,), hx
-    (h (B, H), c (B, H)) or None for zeros. Returns (h', c')."""
-    _check_input(input, "lstm_cell")
-    if input.dim() not in (1, 2):
-        raise ValueError(f"lstm_cell: input must be 1-D or 2-D, got shape {tuple(input.shape)}")
-    x = input.unsqueeze(0) if input.dim() == 1 else input
+    (h (B, H), c (B, H)) (1-D for unbatched input) or None for zeros. Returns (h', c').
+
+    The state is checked as torch checks it (rank, batch, hidden size), never reshaped. A
+    batch of 0 or a hidden size of 0 gives empty results, as torch does."""
+    fn = "lstm_cell"
+    x = _cell_input(input, w_ih, fn)
+    batched, H = input.dim() == 2, w_hh.shape[1]
     hx_ = None
     if hx is not None:
-        h, c = hx
-        hx_ = (h.reshape(1, *x.shape[:1], -1), c.reshape(1, *x.shape[:1], -1))
-    out, (h, c) = lstm(x.unsqueeze(0), [(w_ih, w_hh, b_ih, b_hh, None)], hx_)
-    h, c = h[0], c[0]
-    return (h[0], c[0]) if input.dim() == 1 else (h, c)
+        if not (isinstance(hx, (tuple, list)) and len(hx) == 2):
+            raise ArgumentTypeError(f"{fn}: hx must be a tuple (h, c)")
+        hx_ = (_cell_state("hidden0", hx[0], x, batched, H, fn, "hx[0]"),
+               _cell_state("hidden1", hx[1], x, batched, H, fn, "hx[1]"))
+    if x.shape[0] == 0 or H == 0:  # nothing to compute: torch's own cell gives the empty results
+        zeros = x.new_zeros(x.shape[0], H)
+        h, c = torch.lstm_cell(x, (zeros, zeros) if hx_ is None else (hx_[0][0], hx_[1][0]), w_ih, w_hh, b_ih, b_hh)
+    else:
+        _, (h, c) = lstm(x.unsqueeze(0), [(w_ih, w_hh, b_ih, b_hh, None)], hx_)
+        h, c = h[0], c[0]
+    return (h[0], c[0]) if not batched else (h, c)
 
 
 def rnn_cell(input: Tensor, hx: Optional[Tensor], w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor] = None,
              b_hh: Optional[Tensor] = None, nonlinearity: str = "tanh") -> Tensor:
-    """One fused Elman RNN step, the math of ``torch.nn.RNNCell``. Returns h'."""
-    _check_input(input, "rnn_cell")
-    if input.dim() not in (1, 2):
-        raise ValueError(f"rnn_cell: input must be 1-D or 2-D, got shape {tuple(input.shape)}")
-    x = input.unsqueeze(0) if input.dim() == 1 else input
-    hx_ = None if hx is None else hx.reshape(1, x.shape[0], -1)
+    """One fused Elman RNN step, the math of ``torch.nn.RNNCell``: input (B, I) or (I,), hx
+    (B, H) or (H,) or None for zeros. Returns h'. The state is checked as torch checks it."""
+    fn = "rnn_cell"
+    x = _cell_input(input, w_ih, fn)
+    batched, H = input.dim() == 2, w_hh.shape[1]
+    hx_ = None if hx is None else _cell_state("hidden0", hx, x, batched, H, fn, "hidden")
+    if x.shape[0] == 0 or H == 0:
+        cell = torch.rnn_tanh_cell if nonlinearity == "tanh" else torch.rnn_relu_cell
+        h = cell(x, x.new_zeros(x.shape[0], H) if hx_ is None else hx_[0], w_ih, w_hh, b_ih, b_hh)
+        return h if batched else h[0]
     _, h = rnn(x.unsqueeze(0), [(w_ih, w_hh, b_ih, b_hh)], hx_, nonlinearity=nonlinearity)
-    return h[0, 0] if input.dim() == 1 else h[0]
+    return h[0, 0] if not batched else h[0]
+
+
+for _f in (lstm, rnn, lstm_cell, rnn_cell):
+    script_unsupported(_f, f"seqkernels.{_f.__name__}")
