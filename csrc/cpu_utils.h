@@ -173,6 +173,9 @@ inline scalar_t row_max(const scalar_t* x, int64_t n) {
 // float uses at::vec's exp_u20 (max error 20 ulp, ~2.4e-6 relative): well inside the
 // float32 tolerance and several times faster than the 1-ulp exp (its cheaper sibling
 // fexp_u20 was measured at 3e-4 error here: too coarse). double is exact std::exp.
+// exp_u20 clamps its argument, so a NaN argument gives a finite value: callers whose row
+// may hold NaN (NaN inputs, a NaN row max) must handle it at the row level, as the
+// attention kernels do (a NaN max makes the whole row NaN).
 inline float exp_sub_sum(float* x, int64_t n, float sub) {
   using Vec = at::vec::Vectorized<float>;
   constexpr int64_t W = Vec::size();

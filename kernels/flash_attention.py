@@ -164,7 +164,9 @@ def _attn_fwd(Q, K, V, O, LSE, M, KL,
             s = tl.dot(q, k)
         s = _mask_scores(s * qk_scale, b, h, offs_m, cols, Lq, Lk, kl, offset, M, smb, smh, smm, smn,
                          CAUSAL, MASK_KIND)  # base-2 logits
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # NaN in a score must reach the row: the running max propagates it explicitly (and
+        # exp2(NaN - m) carries it into l and acc even where a max reduction drops it)
+        m_new = tl.maximum(m_i, tl.max(s, 1), propagate_nan=tl.PropagateNan.ALL)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(s - m_safe[:, None])

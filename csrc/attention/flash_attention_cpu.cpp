@@ -330,6 +330,10 @@ void backward_kernel(const Dims& d, const attention::Masking<scalar_t>& mk, int6
                 std::fill(prow, prow + cols, scalar_t(0));
                 continue;
               }
+              if (LSE[r] != LSE[r]) {  // a NaN row: exp_sub_sum's fast exp would not keep it NaN
+                std::fill(prow, prow + cols, std::numeric_limits<scalar_t>::quiet_NaN());
+                continue;
+              }
               mk.apply(prow, b, h, i0 + r, j0, cols, tile);
               exp_sub_sum(prow, cols, LSE[r]);
             }

@@ -193,8 +193,8 @@ def _materialized(query, key, value, attn_mask, dropout_p, causal, bottom_right,
         else:
             scores = scores + attn_mask.to(scores.dtype)
     scores = scores.expand(out_shape[:-1] + (S,))
-    if S == 0:
-        return query.new_zeros(out_shape)
+    if S == 0:  # no key: zeros, still connected to the inputs for autograd
+        return (scores @ value).expand(out_shape)
     row_max = scores.amax(dim=-1, keepdim=True)
     row_max = torch.where(row_max == float("-inf"), torch.zeros_like(row_max), row_max).detach()
     e = torch.exp(scores - row_max)
