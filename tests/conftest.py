@@ -30,7 +30,11 @@ def pytest_collection_modifyitems(config, items):
         has_triton = True
     except ImportError:
         has_triton = False
+    skip_slow = pytest.mark.skip(reason="long profile: run it with `pytest -m slow`")
+    run_slow = "slow" in (config.option.markexpr or "")
     for item in items:
+        if "slow" in item.keywords and not run_slow:
+            item.add_marker(skip_slow)
         if "gpu" in item.keywords and not HAS_GPU:
             item.add_marker(skip_gpu)
         if "interpreter" in item.keywords and not has_triton:
