@@ -8,8 +8,14 @@
 """
 
 import os
+import tempfile
 
-import torch
+# A fresh torch.compile cache per test run: inductor's on-disk cache keys do not cover the
+# Python fake kernels of custom ops, so a cache left by an older checkout could replay
+# graphs built from its (wrong) fake strides.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="seqkernels-inductor-"))
+
+import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -109,9 +109,10 @@ def test_lstm_errors_are_torchs_types(name):
     assert_raises_like_torch(lambda: BAD_NETWORK_CALLS[name](ours), lambda: BAD_NETWORK_CALLS[name](theirs))
 
 
+@pytest.mark.parametrize("hidden,layers", [(6, 2), (8, 1)])
 @pytest.mark.parametrize("cls", ["LSTM", "RNN"])
-def test_batch_first_trains_under_compile(cls):
-    theirs, ours = _pair(cls, 8, 6, batch_first=True)
+def test_batch_first_trains_under_compile(cls, hidden, layers):
+    theirs, ours = _pair(cls, 8, hidden, num_layers=layers, batch_first=True)
     x = torch.randn(3, 5, 8, requires_grad=True)
     f = torch.compile(lambda x: ours(x)[0].pow(2).sum(), fullgraph=True)
     f(x).backward()
