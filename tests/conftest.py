@@ -13,7 +13,11 @@ import tempfile
 # A fresh torch.compile cache per test run: inductor's on-disk cache keys do not cover the
 # Python fake kernels of custom ops, so a cache left by an older checkout could replay
 # graphs built from its (wrong) fake strides.
-os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="seqkernels-inductor-"))
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    _INDUCTOR_CACHE = tempfile.mkdtemp(prefix="seqkernels-inductor-")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = _INDUCTOR_CACHE
+else:
+    _INDUCTOR_CACHE = None
 
 import torch  # noqa: E402
 
@@ -45,6 +49,13 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
         if "interpreter" in item.keywords and not has_triton:
             item.add_marker(skip_interp)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _INDUCTOR_CACHE is not None:
+        import shutil
+
+        shutil.rmtree(_INDUCTOR_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)
