@@ -31,6 +31,7 @@
 
 #include "../common.h"
 #include "../cpu_utils.h"
+#include "decode.h"
 #include "masking.h"
 
 namespace seqkernels {
@@ -264,8 +265,21 @@ std::tuple<at::Tensor, at::Tensor> flash_attention_forward_cpu(
   const MaskInputs mask_in = check_mask_inputs(d, q, attn_mask, key_lengths);
   at::Tensor out = new_output({d.B, d.H, d.Lq, d.Dv}, q.options());
   at::Tensor lse = new_output({d.B, d.H, d.Lq}, q.options());
+  // Few query rows per K/V head (decoding): the bandwidth-bound decode kernel (decode.h).
+  const bool decode = dropout_p == 0.0 && d.G * d.Lq <= attention::kDecodeMaxRows;
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "flash_attention_forward_cpu", [&] {
     const auto mk = make_masking<scalar_t>(d, causal, bottom_right, mask_in, dropout_p, rng_state);
+    if (decode) {
+      attention::KVRows<scalar_t> kv;
+      kv.k = k.const_data_ptr<scalar_t>();
+      kv.v = v.const_data_ptr<scalar_t>();
+      kv.Hk = d.Hk, kv.D = d.D, kv.Dv = d.Dv, kv.rows = d.Lk;
+      const attention::DecodeDims dd{d.B, d.H, d.Hk, d.G, d.Lq, d.D, d.Dv, d.Lk};
+      attention::decode_forward<scalar_t, scalar_t>(dd, mk, kv, q.const_data_ptr<scalar_t>(),
+                                                    static_cast<scalar_t>(scale), out.mutable_data_ptr<scalar_t>(),
+                                                    lse.mutable_data_ptr<scalar_t>());
+      return;
+    }
     forward_kernel<scalar_t>(d, mk, q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(),
                              v.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
                              lse.mutable_data_ptr<scalar_t>(), static_cast<scalar_t>(scale));

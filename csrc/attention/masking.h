@@ -57,9 +57,12 @@ inline uint32_t dropout_threshold(double p) {
 template <typename scalar_t>
 struct Masking {
   int64_t H = 1, Lq = 1, Lk = 1;
-  // Causal: query i sees keys j <= i + offset (offset = Lk - Lq bottom-right, 0 top-left).
+  // Causal: query i sees keys j <= i + offset (offset = Lk - Lq bottom-right, 0 top-left;
+  // with causal_from_length, key_limit(b) - Lq: bottom-right on each sequence's own length,
+  // as a KV cache holds sequences of different lengths).
   bool causal = false;
   int64_t causal_offset = 0;
+  bool causal_from_length = false;
   // Key lengths (B,), int64: keys j >= key_lengths[b] are masked. Null when absent.
   const int64_t* key_lengths = nullptr;
   // Attention mask of 4 dims, read at b*sb + h*sh + i*si + j*sj (stride 0 on broadcast
@@ -82,7 +85,9 @@ struct Masking {
   // One past the last key query row i of batch b may see (causal and key lengths).
   int64_t key_end(int64_t b, int64_t i) const {
     const int64_t lim = key_limit(b);
-    return causal ? std::clamp<int64_t>(i + causal_offset + 1, 0, lim) : lim;
+    if (!causal) return lim;
+    const int64_t offset = causal_from_length ? lim - Lq : causal_offset;
+    return std::clamp<int64_t>(i + offset + 1, 0, lim);
   }
   // The first query row that sees key j under the causal mask.
   int64_t first_query(int64_t j) const {
