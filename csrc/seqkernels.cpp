@@ -40,6 +40,17 @@ TORCH_LIBRARY(seqkernels, m) {
       "Tensor out, Tensor lse, bool causal, bool bottom_right, float scale, Tensor? attn_mask=None, "
       "Tensor? key_lengths=None, float dropout_p=0., Tensor? rng_state=None) -> (Tensor, Tensor, Tensor)");
 
+  // Attention against a KV cache (csrc/attention/kvcache_cpu.cpp, kernels/decode.py): the
+  // new k/v (B, Hk, Lnew, D) or None are written in place into k_cache / v_cache at
+  // positions cache_seqlens[b] .. + Lnew - 1, then q (B, H, Lq, D) attends to the first
+  // cache_seqlens[b] + Lnew keys of its sequence (causal: bottom-right on that length).
+  // Contiguous caches (B, Hk, Lmax, D); with block_table (B, max_blocks) int32, pools
+  // (num_blocks, Hk, block_size, D). Returns out (B, H, Lq, Dv) and the LSE (fp32; fp64 for
+  // fp64). Inference only (no autograd).
+  m.def(
+      "flash_attention_kvcache(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor? k, Tensor? v, "
+      "Tensor cache_seqlens, Tensor? block_table, bool causal, float scale) -> (Tensor, Tensor)");
+
   // Recurrent layers (csrc/rnn/): one direction of one layer over a whole sequence.
   // x (T, B, I), h0 (B, P), c0 (B, H), w_ih (G*H, I), w_hh (G*H, P), bias = b_ih + b_hh
   // (G*H), w_hr (P, H) for LSTMP, lengths (B,) int64: steps t >= lengths[b] keep the state

@@ -141,3 +141,58 @@ def flash_attention(
             dropout_mask = torch.rand_like(probs) >= dropout_p
         probs = probs * dropout_mask / (1.0 - dropout_p)
     return probs @ v, lse
+
+
+def kvcache_attention(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    k: Optional[Tensor] = None,
+    v: Optional[Tensor] = None,
+    cache_seqlens=None,
+    block_table: Optional[Tensor] = None,
+    causal: bool = True,
+    scale: Optional[float] = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The semantics of :func:`seqkernels.flash_attention_with_kvcache`, without writing in
+    place: returns (out, lse, new k_cache, new v_cache), one sequence at a time.
+
+    Sequence b's keys are positions 0 .. cache_seqlens[b] + Lnew - 1 of its cache (the new
+    k/v at the end); position p is row p of k_cache[b], or, with a block table, row
+    p % block_size of block block_table[b, p // block_size] of the pool. Causal is
+    bottom-right on each sequence's own length.
+    """
+    B, H, Lq, D = q.shape
+    k_cache, v_cache = k_cache.clone(), v_cache.clone()
+    Lnew = 0 if k is None else k.shape[2]
+    if cache_seqlens is None:
+        cache_seqlens = (block_table.shape[1] * k_cache.shape[2]) if block_table is not None else k_cache.shape[2]
+    seqlens = [int(cache_seqlens)] * B if isinstance(cache_seqlens, int) else [int(x) for x in cache_seqlens]
+
+    def rows(b: int, n: int) -> tuple[Tensor, Tensor]:
+        """(block or batch index, row) of positions 0..n-1 of sequence b."""
+        p = torch.arange(n)
+        if block_table is None:
+            return torch.full((n,), b, dtype=torch.long), p
+        bs = k_cache.shape[2]
+        return block_table[b].long().cpu()[p // bs], p % bs
+
+    outs, lses = [], []
+    for b in range(B):
+        n = seqlens[b] + Lnew
+        if Lnew:
+            blk, r = rows(b, n)
+            blk, r = blk[seqlens[b]:], r[seqlens[b]:]
+            k_cache[blk, :, r] = k[b].transpose(0, 1).to(k_cache.dtype)
+            v_cache[blk, :, r] = v[b].transpose(0, 1).to(v_cache.dtype)
+        blk, r = rows(b, n)
+        kb = k_cache[blk, :, r].transpose(0, 1)[None]  # (1, Hk, n, D)
+        vb = v_cache[blk, :, r].transpose(0, 1)[None]
+        if n == 0:
+            outs.append(q.new_zeros(1, H, Lq, v_cache.shape[-1]))
+            lses.append(torch.full((1, H, Lq), float("-inf"), dtype=q.dtype))
+            continue
+        o, lse = flash_attention(q[b:b + 1], kb.to(q.dtype), vb.to(q.dtype), causal=causal, scale=scale)
+        outs.append(o)
+        lses.append(lse)
+    return torch.cat(outs), torch.cat(lses), k_cache, v_cache

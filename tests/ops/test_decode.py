@@ -1,0 +1,243 @@
+"""The decode regime of flash_attention and flash_attention_with_kvcache against the
+float64 reference: per-batch cache lengths (0 and full included), appended rows bit for
+bit, untouched (NaN-poisoned) rows never read, paged caches with shuffled block tables,
+split-K, bad input leaving the caches unchanged, opcheck and torch.compile."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import seqkernels
+from seqkernels import reference as ref
+from seqkernels import testing
+
+OP = torch.ops.seqkernels.flash_attention_kvcache
+TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 3e-3}
+
+
+def _caches(B, Hk, D, Dv, dtype, seqlens, Lnew, paged=None, g=None, Lmax=None):
+    """Caches whose live rows are random and whose other rows are NaN (never to be read)."""
+    if paged is None:
+        Lmax = Lmax or max(max(seqlens) + Lnew, 1)
+        kc = torch.full((B, Hk, Lmax, D), float("nan"), dtype=dtype)
+        vc = torch.full((B, Hk, Lmax, Dv), float("nan"), dtype=dtype)
+        for b, n in enumerate(seqlens):
+            kc[b, :, :n] = torch.randn(Hk, n, D, generator=g).to(dtype)
+            vc[b, :, :n] = torch.randn(Hk, n, Dv, generator=g).to(dtype)
+        return kc, vc, None
+    bs = paged
+    per_seq = max((max(seqlens) + Lnew + bs - 1) // bs, 1)
+    nb = B * per_seq + 3
+    kc = torch.full((nb, Hk, bs, D), float("nan"), dtype=dtype)
+    vc = torch.full((nb, Hk, bs, Dv), float("nan"), dtype=dtype)
+    table = torch.randperm(nb, generator=g)[:B * per_seq].reshape(B, per_seq).to(torch.int32)
+    for b, n in enumerate(seqlens):
+        for p in range(n):
+            blk, r = int(table[b, p // bs]), p % bs
+            kc[blk, :, r] = torch.randn(Hk, D, generator=g).to(dtype)
+            vc[blk, :, r] = torch.randn(Hk, Dv, generator=g).to(dtype)
+    return kc, vc, table
+
+
+def _check(B=3, H=8, Hk=2, Lq=1, D=64, Dv=None, seqlens=(0, 17, 40), Lnew=1, paged=None, dtype=torch.float32,
+           causal=True, Lmax=None):
+    Dv = Dv or D
+    g = torch.Generator().manual_seed(B * 1000 + Lq * 10 + Lnew)
+    kc, vc, table = _caches(B, Hk, D, Dv, dtype, seqlens, Lnew, paged, g, Lmax)
+    q = torch.randn(B, H, Lq, D, generator=g).to(dtype)
+    k = torch.randn(B, Hk, Lnew, D, generator=g).to(dtype) if Lnew else None
+    v = torch.randn(B, Hk, Lnew, Dv, generator=g).to(dtype) if Lnew else None
+    sl = torch.tensor(seqlens, dtype=torch.int32)
+    e, el, ek, ev = ref.kvcache_attention(q.double(), kc.double(), vc.double(),
+                                          None if k is None else k.double(), None if v is None else v.double(),
+                                          sl, table, causal)
+    with torch.no_grad():
+        out, lse = seqkernels.flash_attention_with_kvcache(q, kc, vc, k, v, sl, table, causal=causal,
+                                                           return_lse=True)
+    # appended rows bit for bit, every other row as it was (NaN stays NaN)
+    assert torch.equal(kc.double().nan_to_num(7.0), ek.nan_to_num(7.0))
+    assert torch.equal(vc.double().nan_to_num(7.0), ev.nan_to_num(7.0))
+    tol = TOL[dtype]
+    torch.testing.assert_close(out.double(), e, rtol=tol, atol=tol)
+    fin = torch.isfinite(el)
+    assert torch.equal(torch.isfinite(lse), fin)
+    torch.testing.assert_close(lse.double()[fin], el[fin], rtol=tol, atol=tol)
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("G", [1, 4, 8])
+def test_dtypes_and_groups(dtype, G):
+    _check(H=2 * G, Hk=2, dtype=dtype)
+
+
+@pytest.mark.parametrize("D,Dv", [(64, 64), (80, 80), (128, 128), (256, 256), (37, 19)])
+def test_head_dims(D, Dv):
+    _check(D=D, Dv=Dv, seqlens=(5, 0, 23))
+
+
+@pytest.mark.parametrize("Lq,Lnew", [(1, 0), (1, 1), (2, 5), (5, 2), (17, 17), (3, 0), (16, 9)])
+@pytest.mark.parametrize("causal", [True, False])
+def test_query_rows_and_new_keys(Lq, Lnew, causal):
+    _check(Lq=Lq, Lnew=Lnew, causal=causal, seqlens=(0, 11, 30))
+
+
+def test_full_cache_and_empty_cache():
+    _check(seqlens=(39, 0, 12), Lnew=1, Lmax=40)  # the first sequence fills its cache
+    _check(seqlens=(0, 0, 0), Lnew=0)  # no key at all: zeros and LSE -inf
+
+
+@pytest.mark.parametrize("block", [1, 16, 256])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_paged(block, dtype):
+    _check(paged=block, seqlens=(0, 45, 300), Lnew=3, Lq=2, dtype=dtype)
+
+
+def test_split_k_matches_one_chunk():
+    """B x Hk = 1: one thread takes the keys in one chunk, two threads split them."""
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 4, n, 64, generator=g) for n in (1, 3001, 3001))
+    k, v = k[:, :1], v[:, :1]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = seqkernels.flash_attention(q, k, v, return_lse=True)
+        torch.set_num_threads(2)
+        split = seqkernels.flash_attention(q, k, v, return_lse=True)
+    finally:
+        torch.set_num_threads(threads)
+    e = ref.flash_attention(q.double(), k.double(), v.double())
+    for a, b, x in zip(one, split, e):
+        torch.testing.assert_close(a.double(), x, rtol=2e-5, atol=2e-5)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mask", ["none", "bool", "float", "lengths"])
+@pytest.mark.parametrize("G,Lq", [(1, 1), (4, 1), (4, 4), (1, 16)])
+def test_decode_path_equals_general_path(mask, G, Lq):
+    """The same rows through the decode kernel (G * Lq <= 16) and, padded with more query
+    rows, through the general kernel."""
+    g = torch.Generator().manual_seed(G * 10 + Lq)
+    B, Hk, Lk, D = 2, 2, 700, 32
+    q = torch.randn(B, Hk * G, Lq, D, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(B, Hk, Lk, D, generator=g, dtype=torch.float64) for _ in range(2))
+    kw = {}
+    if mask == "bool":
+        kw["attn_mask"] = torch.rand(B, 1, 1, Lk, generator=g) > 0.3
+    elif mask == "float":
+        kw["attn_mask"] = torch.randn(B, 1, 1, Lk, generator=g, dtype=torch.float64)
+    elif mask == "lengths":
+        kw["key_lengths"] = torch.tensor([Lk, 301])
+    pad = torch.randn(B, Hk * G, 17, D, generator=g, dtype=torch.float64)
+    decode = seqkernels.flash_attention(q, k, v, return_lse=True, **kw)
+    general = seqkernels.flash_attention(torch.cat([q, pad], 2), k, v, return_lse=True, **kw)
+    torch.testing.assert_close(decode[0], general[0][:, :, :Lq], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(decode[1], general[1][:, :, :Lq], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("causal,bottom_right", [(True, True), (True, False)])
+def test_decode_path_causal_alignments(causal, bottom_right):
+    g = torch.Generator().manual_seed(9)
+    q = torch.randn(2, 8, 3, 16, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(2, 2, 40, 16, generator=g, dtype=torch.float64) for _ in range(2))
+    out, lse = torch.ops.seqkernels.flash_attention_forward(q, k, v, causal, bottom_right, 0.25)
+    e, el = ref.flash_attention(q, k, v, causal=causal, scale=0.25, bottom_right=bottom_right)
+    testing.assert_close(out, e)
+    testing.assert_close(lse, el)
+
+
+def test_decode_gradients_through_the_general_backward():
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 4, 1, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(1, 2, 9, 8, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    assert torch.autograd.gradcheck(lambda q, k, v: seqkernels.flash_attention(q, k, v, causal=True), (q, k, v))
+
+
+def _bad_setup():
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(2, 4, 1, 8, generator=g)
+    kc, vc = torch.randn(2, 2, 10, 8, generator=g), torch.randn(2, 2, 10, 8, generator=g)
+    k, v = torch.randn(2, 2, 3, 8, generator=g), torch.randn(2, 2, 3, 8, generator=g)
+    return q, kc, vc, k, v
+
+
+BAD = {
+    "write past the end": (lambda q, kc, vc, k, v: dict(k=k, v=v, cache_seqlens=torch.tensor([2, 8]))),
+    "negative length": (lambda q, kc, vc, k, v: dict(k=k, v=v, cache_seqlens=torch.tensor([-1, 0]))),
+    "block id out of range": (lambda q, kc, vc, k, v: dict(
+        k=k, v=v, cache_seqlens=torch.tensor([2, 2]), block_table=torch.tensor([[0, 1], [2, 7]], dtype=torch.int32))),
+    "block table dtype": (lambda q, kc, vc, k, v: dict(
+        k=k, v=v, cache_seqlens=torch.tensor([2, 2]), block_table=torch.tensor([[0, 1], [1, 0]]))),
+    "dtype": (lambda q, kc, vc, k, v: dict(k=k.double(), v=v.double(), cache_seqlens=torch.tensor([0, 0]))),
+    "heads": (lambda q, kc, vc, k, v: dict(k=k[:, :1], v=v[:, :1], cache_seqlens=torch.tensor([0, 0]))),
+    "k without v": (lambda q, kc, vc, k, v: dict(k=k, cache_seqlens=torch.tensor([0, 0]))),
+    "seqlens shape": (lambda q, kc, vc, k, v: dict(k=k, v=v, cache_seqlens=torch.tensor([0]))),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD))
+@pytest.mark.parametrize("direct", [False, True])
+def test_bad_input_leaves_the_caches_unchanged(name, direct):
+    q, kc, vc, k, v = _bad_setup()
+    kw = BAD[name](q, kc, vc, k, v)
+    if name.startswith("block"):
+        kc, vc = torch.randn(5, 2, 4, 8), torch.randn(5, 2, 4, 8)
+    before = kc.clone(), vc.clone()
+    with torch.no_grad(), pytest.raises((ValueError, TypeError, RuntimeError)):
+        if direct:  # the op itself checks in C++ too
+            OP(q, kc, vc, kw.get("k"), kw.get("v"), kw["cache_seqlens"], kw.get("block_table"), True, 0.3)
+        else:
+            seqkernels.flash_attention_with_kvcache(q, kc, vc, **kw)
+    assert torch.equal(kc, before[0]) and torch.equal(vc, before[1])
+
+
+def test_requires_grad_raises():
+    q, kc, vc, k, v = _bad_setup()
+    with pytest.raises(RuntimeError, match="inference only"):
+        seqkernels.flash_attention_with_kvcache(q.requires_grad_(), kc, vc, k, v, 0)
+
+
+def test_int_cache_seqlens_and_whole_cache():
+    q, kc, vc, k, v = _bad_setup()
+    with torch.no_grad():
+        a = seqkernels.flash_attention_with_kvcache(q, kc.clone(), vc.clone(), k, v, 4)
+        b = seqkernels.flash_attention_with_kvcache(q, kc.clone(), vc.clone(), k, v, torch.tensor([4, 4]))
+        whole = seqkernels.flash_attention_with_kvcache(q, kc, vc)
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(whole, seqkernels.flash_attention(q, kc, vc))
+
+
+def test_opcheck():
+    q, kc, vc, k, v = _bad_setup()
+    torch.library.opcheck(OP, (q, kc, vc, k, v, torch.tensor([1, 4], dtype=torch.int32), None, True, 0.3))
+    kp, vp = torch.randn(6, 2, 4, 8), torch.randn(6, 2, 4, 8)
+    table = torch.tensor([[5, 0, 3], [1, 2, 4]], dtype=torch.int32)
+    torch.library.opcheck(OP, (q, kp, vp, k, v, torch.tensor([1, 9], dtype=torch.int32), table, True, 0.3))
+
+
+def test_compiled_decode_steps_do_not_recompile():
+    torch._dynamo.reset()
+    B, H, Hk, D, Lmax = 2, 4, 2, 8, 12
+    kc, vc = torch.zeros(B, Hk, Lmax, D), torch.zeros(B, Hk, Lmax, D)
+    kc_e, vc_e = kc.clone(), vc.clone()
+    counts = {"n": 0}
+
+    def backend(gm, example_inputs):
+        counts["n"] += 1
+        return gm
+
+    def step(q, k, v, kc, vc, sl):
+        return seqkernels.flash_attention_with_kvcache(q, kc, vc, k, v, sl)
+
+    compiled = torch.compile(step, fullgraph=True, backend=backend)
+    sl = torch.tensor([0, 3], dtype=torch.int32)
+    with torch.no_grad():
+        for _ in range(5):
+            q, k, v = torch.randn(B, H, 1, D), torch.randn(B, Hk, 1, D), torch.randn(B, Hk, 1, D)
+            a = compiled(q, k, v, kc, vc, sl)
+            e = step(q, k, v, kc_e, vc_e, sl)
+            torch.testing.assert_close(a, e)
+            sl += 1
+    assert torch.equal(kc, kc_e) and torch.equal(vc, vc_e)
+    assert counts["n"] == 1
