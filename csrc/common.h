@@ -13,6 +13,10 @@ namespace seqkernels {
 // kernel writes it, so an element the kernel never writes fails the comparison.
 std::atomic<bool>& poison_outputs_flag();
 
+// Whether flash_attention may take the decode kernel for few query rows per K/V head (on by
+// default; benchmarks and tests turn it off to time or check the general kernel alone).
+std::atomic<bool>& decode_regime_flag();
+
 inline at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
   at::Tensor t = at::empty(sizes, options);
   if (poison_outputs_flag().load(std::memory_order_relaxed) && at::isFloatingType(t.scalar_type())) {

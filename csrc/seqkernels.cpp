@@ -19,6 +19,11 @@ std::atomic<bool>& poison_outputs_flag() {
   return flag;
 }
 
+std::atomic<bool>& decode_regime_flag() {
+  static std::atomic<bool> flag{true};
+  return flag;
+}
+
 }  // namespace seqkernels
 
 TORCH_LIBRARY(seqkernels, m) {
@@ -123,4 +128,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def(
       "poison_outputs", []() { return seqkernels::poison_outputs_flag().load(); },
       "Whether kernel outputs are NaN-poisoned");
+  m.def(
+      "set_decode_regime",
+      [](bool on) { return seqkernels::decode_regime_flag().exchange(on); },
+      "Let flash_attention take the decode kernel for few query rows per K/V head (default on); returns the "
+      "previous setting. Off: the general kernel only (for benchmarks and tests)");
 }

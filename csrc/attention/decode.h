@@ -27,7 +27,7 @@ namespace seqkernels::attention {
 // make the tile products worth a GEMM).
 constexpr int64_t kDecodeMaxRows = 16;
 // Keys per block of the decode loop: the block's scores for every row stay in L1.
-constexpr int64_t kDecodeBlock = 64;
+constexpr int64_t kDecodeBlock = 256;
 
 // Where the key and value rows of (batch b, kv head hk, position p) live.
 template <typename T>

@@ -191,6 +191,13 @@ inline void axpy_keys_avx512(float* o, const float* p, const T* const* v, int64_
 }
 #endif
 
+constexpr int64_t kPrefetchRows = 16;
+
+inline void prefetch_row(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t off = 0; off < bytes; off += 64) _mm_prefetch(c + off, _MM_HINT_T0);
+}
+
 template <typename A, typename T>
 inline void dot_group(const A* q, const T* const* k, int64_t nk, int64_t D, A* s) {
 #if defined(CPU_CAPABILITY_AVX512)
@@ -289,7 +296,17 @@ void decode_forward(const DecodeDims& d, const Masking<A>& mk, const KVRows<T>& 
         for (int64_t jj = 0; jj < n; jj += 4) {  // four keys at a time, read once for every row
           const int64_t nk = std::min<int64_t>(4, n - jj);
           const T* krows[4];
-          for (int64_t t = 0; t < nk; ++t) krows[t] = kv.k_row(b, hk, j0 + jj + t);
+          for (int64_t t = 0; t < nk; ++t) {
+            krows[t] = kv.k_row(b, hk, j0 + jj + t);
+            // Streams from memory: ask for this block's V rows (read after the scores) and the
+            // next block's K rows now, so that the loads are in flight while this block computes.
+            // K and V stream from memory: ask for the rows kPrefetchRows ahead, so that enough
+            // loads are in flight (the hardware prefetcher alone reached a third of the read
+            // bandwidth here).
+            if (j0 + jj + t + kPrefetchRows < j_hi) {
+              prefetch_row(kv.k_row(b, hk, j0 + jj + t + kPrefetchRows), d.D * sizeof(T));
+            }
+          }
           for (int64_t r = 0; r < R; ++r) dot_group<A, T>(Q + r * d.D, krows, nk, d.D, S + r * kDecodeBlock + jj);
         }
         for (int64_t r = 0; r < R; ++r) {

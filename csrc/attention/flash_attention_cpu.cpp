@@ -266,7 +266,7 @@ std::tuple<at::Tensor, at::Tensor> flash_attention_forward_cpu(
   at::Tensor out = new_output({d.B, d.H, d.Lq, d.Dv}, q.options());
   at::Tensor lse = new_output({d.B, d.H, d.Lq}, q.options());
   // Few query rows per K/V head (decoding): the bandwidth-bound decode kernel (decode.h).
-  const bool decode = dropout_p == 0.0 && d.G * d.Lq <= attention::kDecodeMaxRows;
+  const bool decode = dropout_p == 0.0 && d.G * d.Lq <= attention::kDecodeMaxRows && decode_regime_flag().load();
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "flash_attention_forward_cpu", [&] {
     const auto mk = make_masking<scalar_t>(d, causal, bottom_right, mask_in, dropout_p, rng_state);
     if (decode) {

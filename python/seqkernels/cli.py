@@ -87,9 +87,14 @@ def cmd_speed(args) -> int:
 
     device = _check_device(args.device)
     ops = [o.strip() for o in args.ops.split(",") if o.strip()] if args.ops else list(SPEED_SUITES)
-    unknown = [o for o in ops if o not in SPEED_SUITES]
+    unknown = [o for o in ops if o not in SPEED_SUITES and o != "decode"]
     if unknown:
-        raise CliError(f"unknown op {unknown[0]!r}; choose from {', '.join(SPEED_SUITES)}")
+        raise CliError(f"unknown op {unknown[0]!r}; choose from {', '.join(SPEED_SUITES)}, decode")
+    if "decode" in ops:
+        _speed_decode(args, device)
+        ops = [o for o in ops if o != "decode"]
+        if not ops:
+            return 0
     rows = run_speed(ops, device, args.quick, repeat=args.repeat)
     meta = _metadata(device)
     print(f"\nspeed on {meta['machine']} ({meta['date']}, torch {meta['torch']}); times are medians in ms")
@@ -209,6 +214,54 @@ def _plot_memory(rows, fits, path, meta) -> None:
         ax.set(xscale="log", yscale="log", xlabel="sequence length n", ylabel="peak extra memory (MiB)",
                title=f"attention {mode}: B=1 H=8 D=64 float32")
     _finish_plot(plt, fig, axes, meta, path)
+
+
+def _speed_decode(args, device: str) -> None:
+    from .profiling.decode import decode_grid, run_decode
+    from .profiling.suites import Progress
+
+    bar = Progress(len(decode_grid(args.quick)), "decode")
+    rows, bw = run_decode(device, args.quick, repeat=args.repeat, progress=bar)
+    bar.close()
+    meta = dict(_metadata(device), **bw)
+    print(f"\ndecode steps on {meta['machine']} ({meta['date']}, torch {meta['torch']}); medians in ms; read "
+          f"bandwidth {bw['read_GBps_16MiB']:.1f} GB/s (16 MiB) / {bw['read_GBps_1GiB']:.1f} GB/s (1 GiB)")
+    print(_table(rows, [("shape", "shape", ""), ("dtype", "dtype", ""), ("seqkernels", "seqkernels_ms", ".3f"),
+                        ("torch SDPA", "torch_ms", ".3f"), ("general kernel", "general_ms", ".3f"),
+                        ("vs torch", "speedup_vs_torch", ".2f"), ("vs general", "speedup_vs_general", ".2f"),
+                        ("GB/s", "seqkernels_GBps", ".1f"), ("torch GB/s", "torch_GBps", ".1f"),
+                        ("share of read bw", "share_of_read_bw", ".2f"),
+                        ("vs own fp32", "speedup_vs_own_float32", ".2f")]))
+    stem = f"speed_{device}_decode"
+    paths = _write(args.out, stem, meta, rows)
+    png = os.path.join(args.out, f"{stem}.png")
+    if _plot_decode(rows, png, meta):
+        paths.append(png)
+    print("wrote " + ", ".join(paths))
+
+
+def _plot_decode(rows, path, meta) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    groups = sorted({(r["B"], r["dtype"]) for r in rows})
+    fig, axes = plt.subplots(1, len(groups), figsize=(4 * len(groups), 3.6), squeeze=False)
+    for ax, (B, dt) in zip(axes[0], groups):
+        sel = sorted((r for r in rows if r["B"] == B and r["dtype"] == dt), key=lambda r: r["Lk"])
+        for col, label in (("seqkernels_ms", "seqkernels"), ("torch_ms", "torch SDPA"), ("general_ms", "general kernel")):
+            if all(r.get(col) for r in sel):
+                ax.plot([r["Lk"] for r in sel], [r[col] for r in sel], marker="o", label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_title(f"B={B} H=32 Hk=8 D=128 {dt}", fontsize=9)
+        ax.set_xlabel("cache length")
+        ax.set_ylabel("step time (ms)")
+    _finish_plot(plt, fig, list(axes[0]), meta, path)
+    return True
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -73,3 +73,13 @@ def poisoned_empty(*sizes, **kwargs) -> torch.Tensor:
     if _C.poison_outputs() and t.is_floating_point():
         t.fill_(float("nan"))
     return t
+
+
+@contextlib.contextmanager
+def decode_regime(on: bool):
+    """Within the block, flash_attention may (on) or may not (off) take the CPU decode kernel."""
+    prev = _C.set_decode_regime(on)
+    try:
+        yield
+    finally:
+        _C.set_decode_regime(prev)

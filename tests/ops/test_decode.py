@@ -241,3 +241,17 @@ def test_compiled_decode_steps_do_not_recompile():
             sl += 1
     assert torch.equal(kc, kc_e) and torch.equal(vc, vc_e)
     assert counts["n"] == 1
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("G,Lq,Lk", [(1, 1, 1), (4, 1, 513), (8, 2, 97), (1, 16, 300), (4, 3, 2)])
+def test_decode_kernel_equals_general_kernel_switch(causal, G, Lq, Lk):
+    """The same call with the decode kernel and with it switched off (the general kernel)."""
+    g = torch.Generator().manual_seed(G + Lq + Lk)
+    q = torch.randn(2, 2 * G, Lq, 24, generator=g)
+    k, v = (torch.randn(2, 2, Lk, 24, generator=g) for _ in range(2))
+    a = seqkernels.flash_attention(q, k, v, causal=causal, return_lse=True)
+    with testing.decode_regime(False):
+        e = seqkernels.flash_attention(q, k, v, causal=causal, return_lse=True)
+    torch.testing.assert_close(a[0], e[0], rtol=2e-5, atol=2e-6)
+    torch.testing.assert_close(a[1], e[1], rtol=2e-5, atol=2e-6)
