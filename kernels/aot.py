@@ -136,8 +136,28 @@ def ok(row: dict) -> bool:
             and (row["wgmma"] or not wgmma_required(row)))
 
 
+def decode_report(jobs: int = os.cpu_count() or 1) -> list[dict]:
+    """The same report for the flash-decoding kernels (kernels/decode.py)."""
+    from . import decode
+
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        raise RuntimeError("unset TRITON_INTERPRET: interpreted kernels cannot be compiled ahead of time")
+    import multiprocessing
+
+    with multiprocessing.get_context("fork").Pool(jobs) as pool:
+        return pool.starmap(decode.aot_compile, decode.aot_cases())
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if "--decode" in argv:
+        rows = decode_report()
+        if "--json" in argv:
+            print(json.dumps(rows))
+            return 0
+        for r in rows:
+            print(r)
+        return 0 if all(r["shared"] <= r["smem_limit"] and not r["stack"] and not r["local"] for r in rows) else 1
     rows = report()
     if "--json" in argv:
         print(json.dumps(rows))

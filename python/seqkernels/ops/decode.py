@@ -32,7 +32,7 @@ def _fake(q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal, scale):
 
 @torch.library.impl("seqkernels::flash_attention_kvcache", "CUDA")
 def _cuda(q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal, scale):
-    from ..kernels import decode as kernels
+    from seqkernels.kernels import decode as kernels
 
     return kernels.kvcache_attention(q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal, scale)
 
