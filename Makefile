@@ -17,9 +17,11 @@ BUILD_STAMP := build/.built
 test: $(BUILD_STAMP)
 	$(VPY) -m pytest tests -q
 
-# About 8 minutes on the 2-core CPU machine (speed sweep of every op family, 3.5 min; then memory).
+# About 11 minutes on the 2-core CPU machine (speed sweep of every op family, 3.5 min; decode, 3 min;
+# then memory).
 bench: $(BUILD_STAMP)
 	$(VPY) -m seqkernels.bench speed --device cpu --out bench/results
+	$(VPY) -m seqkernels.bench speed --device cpu --ops decode --out bench/results
 	$(VPY) -m seqkernels.bench memory --device cpu --out bench/results
 
 venv: $(DEPS_STAMP)
