@@ -269,7 +269,10 @@ void decode_forward(const DecodeDims& d, const Masking<A>& mk, const KVRows<T>& 
     *ls = m + std::log(l);
   };
 
-  at::parallel_for(0, d.B * d.Hk * nchunks, 1, [&](int64_t begin, int64_t end) {
+  // A small call runs on the calling thread: waking the pool costs more than it saves.
+  const int64_t work = d.B * d.Hk * R * std::max<int64_t>(d.Lk, 1) * (d.D + d.Dv);
+  const int64_t grain = work < (1 << 18) ? d.B * d.Hk * nchunks : 1;
+  at::parallel_for(0, d.B * d.Hk * nchunks, grain, [&](int64_t begin, int64_t end) {
     auto& sc = DecodeScratch<A>::get();
     sc.q.resize(R * d.D);
     sc.s.resize(R * kDecodeBlock);
