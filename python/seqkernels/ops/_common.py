@@ -31,7 +31,11 @@ def functorch_wrapped(*tensors) -> bool:
     plain-PyTorch math there or raise :func:`func_unsupported`."""
     if torch.compiler.is_compiling():  # dynamo cannot trace the query (and unwraps functorch itself)
         return False
-    return any(isinstance(t, torch.Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    for t in tensors:
+        if t is not None and isinstance(t, torch.Tensor) and wrapped(t):
+            return True
+    return False
 
 
 def script_unsupported(fn, name: str):

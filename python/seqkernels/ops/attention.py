@@ -30,6 +30,8 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 def is_causal_bias(t) -> bool:
     """Whether t is torch's CausalBias (a tensor subclass with no values of its own)."""
+    if t is None or type(t) is Tensor:
+        return False
     from torch.nn.attention.bias import CausalBias
 
     return isinstance(t, CausalBias)
@@ -148,33 +150,44 @@ def _bwd_cuda(grad_out, grad_lse, q, k, v, out, lse, causal, bottom_right, scale
 # --- argument checks -------------------------------------------------------------------------
 
 def check_attention_inputs(q: Tensor, k: Tensor, v: Tensor, fn: str = "flash_attention") -> None:
-    """Raise a ValueError/TypeError naming the argument for anything the kernels do not take."""
+    """Raise a ValueError/TypeError naming the argument for anything the kernels do not take.
+
+    Written for a decode step's fixed cost: the shapes are read once, and the messages are
+    only formatted on failure."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
             raise ArgumentTypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ArgumentError(f"{fn}: {name} must be 4-D (batch, heads, seq, head_dim), got shape {tuple(t.shape)}")
-        if t.dtype not in _DTYPES:
-            raise ArgumentTypeError(f"{fn}: {name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
-    if not (q.dtype == k.dtype == v.dtype):
+    qs, ks, vs = q.shape, k.shape, v.shape
+    if len(qs) != 4 or len(ks) != 4 or len(vs) != 4:
+        name, t = next((n, t) for n, t in (("q", qs), ("k", ks), ("v", vs)) if len(t) != 4)
+        raise ArgumentError(f"{fn}: {name} must be 4-D (batch, heads, seq, head_dim), got shape {tuple(t)}")
+    dt = q.dtype
+    if dt not in _DTYPES or k.dtype != dt or v.dtype != dt:
+        bad = next((n, t.dtype) for n, t in (("q", q), ("k", k), ("v", v)) if t.dtype not in _DTYPES) \
+            if any(t.dtype not in _DTYPES for t in (q, k, v)) else None
+        if bad is not None:
+            raise ArgumentTypeError(f"{fn}: {bad[0]} must be float16, bfloat16, float32 or float64, got {bad[1]}")
         raise ArgumentTypeError(f"{fn}: q, k and v must have the same dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
         raise ArgumentError(f"{fn}: q, k and v must be on the same device, got {q.device}, {k.device}, {v.device}")
-    if not (q.shape[0] == k.shape[0] == v.shape[0]):
-        raise ArgumentError(f"{fn}: batch sizes differ: q {q.shape[0]}, k {k.shape[0]}, v {v.shape[0]}")
-    if k.shape[1] != v.shape[1]:
-        raise ArgumentError(f"{fn}: k and v must have the same number of heads, got {k.shape[1]} and {v.shape[1]}")
-    if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
-        raise ArgumentError(f"{fn}: the query heads ({q.shape[1]}) must be a multiple of the key/value heads ({k.shape[1]})")
-    if k.shape[2] != v.shape[2]:
-        raise ArgumentError(f"{fn}: k and v must have the same length, got {k.shape[2]} and {v.shape[2]}")
-    if q.shape[2] == 0 or k.shape[2] == 0:
-        raise ArgumentError(f"{fn}: sequence lengths must be at least 1, got q {q.shape[2]} and k {k.shape[2]}")
-    if q.shape[3] != k.shape[3]:
-        raise ArgumentError(f"{fn}: q and k head dims differ: {q.shape[3]} and {k.shape[3]}")
-    for name, dim in (("q/k", q.shape[3]), ("v", v.shape[3])):
-        if not 1 <= dim <= MAX_HEAD_DIM:
-            raise ArgumentError(f"{fn}: the {name} head dim must be between 1 and {MAX_HEAD_DIM}, got {dim}")
+    B, H, Lq, D = qs
+    Bk, Hk, Lk, Dk = ks
+    Bv, Hv, Lv, Dv = vs
+    if not (B == Bk == Bv):
+        raise ArgumentError(f"{fn}: batch sizes differ: q {B}, k {Bk}, v {Bv}")
+    if Hk != Hv:
+        raise ArgumentError(f"{fn}: k and v must have the same number of heads, got {Hk} and {Hv}")
+    if Hk == 0 or H % Hk != 0:
+        raise ArgumentError(f"{fn}: the query heads ({H}) must be a multiple of the key/value heads ({Hk})")
+    if Lk != Lv:
+        raise ArgumentError(f"{fn}: k and v must have the same length, got {Lk} and {Lv}")
+    if Lq == 0 or Lk == 0:
+        raise ArgumentError(f"{fn}: sequence lengths must be at least 1, got q {Lq} and k {Lk}")
+    if D != Dk:
+        raise ArgumentError(f"{fn}: q and k head dims differ: {D} and {Dk}")
+    if not (1 <= D <= MAX_HEAD_DIM and 1 <= Dv <= MAX_HEAD_DIM):
+        name, dim = ("q/k", D) if not 1 <= D <= MAX_HEAD_DIM else ("v", Dv)
+        raise ArgumentError(f"{fn}: the {name} head dim must be between 1 and {MAX_HEAD_DIM}, got {dim}")
 
 
 def _check_mask_args(q: Tensor, k: Tensor, attn_mask, key_lengths, dropout_p, fn: str) -> None:
@@ -260,7 +273,7 @@ def _attention(q, k, v, causal, bottom_right, scale, attn_mask, key_lengths, dro
         out, lse = _fwd(*args)
     if drop_all:  # every probability dropped: torch gives zeros (and zero gradients)
         out = out * 0
-    return out.to(dtype), lse
+    return (out if out.dtype == dtype else out.to(dtype)), lse
 
 
 def flash_attention(
@@ -312,7 +325,8 @@ def flash_attention(
         >>> q = torch.randn(2, 8, 128, 64); k = v = torch.randn(2, 2, 128, 64)
         >>> out = seqkernels.flash_attention(q, k, v, causal=True)   # (2, 8, 128, 64)
     """
-    tensors = tuple(t for t in (q, k, v, attn_mask, key_lengths) if isinstance(t, Tensor))
+    tensors = (q, k, v) if attn_mask is None and key_lengths is None else tuple(
+        t for t in (q, k, v, attn_mask, key_lengths) if isinstance(t, Tensor))
     if has_torch_function(tensors):  # a tensor subclass: its own __torch_function__ decides
         return handle_torch_function(flash_attention, tensors, q, k, v, causal, scale, return_lse,
                                      attn_mask=attn_mask, key_lengths=key_lengths, dropout_p=dropout_p)

@@ -115,12 +115,26 @@ def _check(query, key, value, attn_mask, dropout_p) -> None:
             raise ArgumentError(f"{_FN}: attn_mask must be on {query.device}, got {attn_mask.device}")
 
 
+def _broadcast(*shapes) -> tuple:
+    """numpy/torch broadcasting of int tuples (torch.broadcast_shapes is pure Python with
+    symbolic-shape machinery: several microseconds of a decode step). Raises ValueError."""
+    n = max(len(sh) for sh in shapes)
+    out = [1] * n
+    for sh in shapes:
+        for i, d in enumerate(sh, n - len(sh)):
+            if d != 1:
+                if out[i] != 1 and out[i] != d:
+                    raise ValueError(f"shapes {shapes} do not broadcast")
+                out[i] = d
+    return tuple(out)
+
+
 def _batch_and_heads(query, key, value, enable_gqa):
     """(batch dims, query heads, kv heads) for inputs of rank >= 3, or None when the batch
     dims do not broadcast. Raises torch's errors for heads that cannot pair."""
     try:
-        lead = torch.broadcast_shapes(query.shape[:-3], key.shape[:-3], value.shape[:-3])
-    except RuntimeError as e:
+        lead = _broadcast(query.shape[:-3], key.shape[:-3], value.shape[:-3])
+    except ValueError as e:
         raise ArgumentError(f"{_FN}: the batch dims of query {tuple(query.shape)}, key {tuple(key.shape)} and "
                             f"value {tuple(value.shape)} do not broadcast") from e
     hq, hk, hv = query.shape[-3], key.shape[-3], value.shape[-3]
@@ -148,8 +162,8 @@ def _sdpa(query, key, value, attn_mask, dropout_p, causal, bottom_right, scale, 
     out_shape = (*lead, max(hq, hk), L, Ev)
     if attn_mask is not None:
         try:
-            full = torch.broadcast_shapes(attn_mask.shape, out_shape[:-1] + (S,))
-        except RuntimeError:
+            full = _broadcast(tuple(attn_mask.shape), out_shape[:-1] + (S,))
+        except ValueError:
             full = None
         if attn_mask.dim() > len(out_shape) or full != out_shape[:-1] + (S,):
             raise ArgumentError(f"{_FN}: attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to "
@@ -161,9 +175,12 @@ def _sdpa(query, key, value, attn_mask, dropout_p, causal, bottom_right, scale, 
             and not functorch_wrapped(query, key, value, attn_mask))
     if not fits:
         return _materialized(query, key, value, attn_mask, dropout_p, causal, bottom_right, scale, out_shape)
-    q = query.expand(*lead, *query.shape[-3:]).reshape(B, hq, L, E)
-    k = key.expand(*lead, *key.shape[-3:]).reshape(B, hk, S, E)
-    v = value.expand(*lead, *value.shape[-3:]).reshape(B, hk, S, Ev)
+    if query.dim() == 4 and query.shape[0] == key.shape[0] == value.shape[0]:  # the common case: views as they are
+        q, k, v = query, key, value
+    else:
+        q = query.expand(*lead, *query.shape[-3:]).reshape(B, hq, L, E)
+        k = key.expand(*lead, *key.shape[-3:]).reshape(B, hk, S, E)
+        v = value.expand(*lead, *value.shape[-3:]).reshape(B, hk, S, Ev)
     mask4 = attn_mask
     if attn_mask is not None and (attn_mask.dim() > 4 or (attn_mask.dim() == 4 and len(lead) > 1)):
         # fold the leading batch dims into one (a copy only where they mix broadcast and not)
@@ -171,7 +188,7 @@ def _sdpa(query, key, value, attn_mask, dropout_p, causal, bottom_right, scale, 
     _check_mask_args(q, k, mask4, None, dropout_p, _FN)
     scale = 1.0 / math.sqrt(E) if scale is None else float(scale)
     out, _ = _attention(q, k, v, causal, bottom_right, scale, mask4, None, dropout_p)
-    return out.reshape(out_shape)
+    return out if out.shape == out_shape else out.reshape(out_shape)
 
 
 def _materialized(query, key, value, attn_mask, dropout_p, causal, bottom_right, scale, out_shape) -> Tensor:
