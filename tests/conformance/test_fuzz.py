@@ -13,7 +13,7 @@ import seqkernels
 
 from .helpers import torch_math_sdpa
 
-QUICK = settings(max_examples=120, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+QUICK = settings(max_examples=300, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 LONG = settings(max_examples=3000, deadline=None, suppress_health_check=list(HealthCheck))
 TOL = {torch.float64: (1e-9, 1e-9), torch.float32: (2e-5, 2e-5)}
 
@@ -129,7 +129,7 @@ def _check_recurrent(c):
             torch.testing.assert_close(p.grad, r.grad, rtol=1e-9, atol=1e-9)
 
 
-@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@settings(max_examples=100, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(lstm_cases())
 def test_recurrent_fuzz(c):
     _check_recurrent(c)
