@@ -75,3 +75,24 @@ def test_head_dim_not_a_power_of_two_and_many_splits():
 
 def test_nan_in_q_reaches_its_row():
     _run(2, 4, 2, 1, 16, (9, 30), 1, None, torch.float32, poison_q=True)
+
+
+@pytest.mark.parametrize("bad", ["past the end", "block id"])
+def test_the_op_body_checks_values_itself(bad):
+    """The CUDA body re-checks the values (a compiled graph skips the Python checks) before
+    it writes anything."""
+    from seqkernels.ops.decode import _cuda
+
+    q = torch.randn(2, 4, 1, 16).to(DEVICE)
+    k, v = (torch.randn(2, 2, 1, 16).to(DEVICE) for _ in range(2))
+    if bad == "past the end":
+        kc, vc = (torch.randn(2, 2, 8, 16).to(DEVICE) for _ in range(2))
+        sl, table = torch.tensor([3, 8], dtype=torch.int32).to(DEVICE), None
+    else:
+        kc, vc = (torch.randn(4, 2, 4, 16).to(DEVICE) for _ in range(2))
+        sl, table = torch.tensor([3, 2], dtype=torch.int32).to(DEVICE), torch.tensor([[0, 1], [9, 2]],
+                                                                                      dtype=torch.int32).to(DEVICE)
+    before = kc.clone(), vc.clone()
+    with pytest.raises(ValueError):
+        _cuda(q, kc, vc, k, v, sl, table, True, 0.25)
+    assert torch.equal(kc, before[0]) and torch.equal(vc, before[1])

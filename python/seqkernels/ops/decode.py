@@ -34,6 +34,9 @@ def _fake(q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal, scale):
 def _cuda(q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal, scale):
     from seqkernels.kernels import decode as kernels
 
+    # the values again: a compiled graph skips the Python API's checks (the CPU op checks in C++)
+    _check_values(k_cache, cache_seqlens, block_table, 0 if k is None else k.shape[2], "flash_attention_kvcache")
+
     return kernels.kvcache_attention(q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal, scale)
 
 
@@ -104,18 +107,27 @@ def _check(q, k_cache, v_cache, k, v, cache_seqlens, block_table) -> tuple[Tenso
         raise ArgumentTypeError(f"{_FN}: cache_seqlens must be an int or an int32/int64 tensor of shape ({B},)")
     if cache_seqlens.device != q.device:
         raise ArgumentError(f"{_FN}: cache_seqlens must be on {q.device}")
-    if not torch.compiler.is_compiling() and B:  # traced: the op checks the values when it runs
-        lo, hi = (int(x) for x in torch.aminmax(cache_seqlens))
-        if lo < 0 or hi + Lnew > capacity:
-            raise ArgumentError(f"{_FN}: cache_seqlens + Lnew must lie in [0, {capacity}] (the cache's positions), "
-                                f"got cache_seqlens in [{lo}, {hi}] with Lnew = {Lnew}")
-        if block_table is not None:
-            blocks_needed = (cache_seqlens.to(torch.int64) + Lnew + k_cache.shape[2] - 1) // k_cache.shape[2]
-            used = torch.arange(block_table.shape[1], device=q.device) < blocks_needed[:, None]
-            ids = block_table[used]
-            if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= k_cache.shape[0]):
-                raise ArgumentError(f"{_FN}: block_table holds ids outside the pool of {k_cache.shape[0]} blocks")
+    if not torch.compiler.is_compiling():  # traced: the op checks the values when it runs
+        _check_values(k_cache, cache_seqlens, block_table, Lnew, _FN)
     return cache_seqlens, block_table
+
+
+def _check_values(k_cache, cache_seqlens, block_table, Lnew: int, fn: str) -> None:
+    """Every write inside the cache, every block id used inside the pool (before a write)."""
+    if cache_seqlens.numel() == 0:
+        return
+    rows = k_cache.shape[2]
+    capacity = block_table.shape[1] * rows if block_table is not None else rows
+    lo, hi = (int(x) for x in torch.aminmax(cache_seqlens))
+    if lo < 0 or hi + Lnew > capacity:
+        raise ArgumentError(f"{fn}: cache_seqlens + Lnew must lie in [0, {capacity}] (the cache's positions), "
+                            f"got cache_seqlens in [{lo}, {hi}] with Lnew = {Lnew}")
+    if block_table is not None:
+        blocks_needed = (cache_seqlens.to(torch.int64) + Lnew + rows - 1) // rows
+        used = torch.arange(block_table.shape[1], device=block_table.device) < blocks_needed[:, None]
+        ids = block_table[used]
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= k_cache.shape[0]):
+            raise ArgumentError(f"{fn}: block_table holds ids outside the pool of {k_cache.shape[0]} blocks")
 
 
 def flash_attention_with_kvcache(
