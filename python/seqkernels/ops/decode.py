@@ -30,7 +30,6 @@ def _fake(q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal, scale):
     return q.new_empty(B, H, Lq, v_cache.shape[-1]), q.new_empty(B, H, Lq, dtype=lse_dtype)
 
 
-@torch.library.impl("seqkernels::flash_attention_kvcache", "CUDA")
 def _cuda(q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal, scale):
     from seqkernels.kernels import decode as kernels
 
@@ -38,6 +37,9 @@ def _cuda(q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal, scale):
     _check_values(k_cache, cache_seqlens, block_table, 0 if k is None else k.shape[2], "flash_attention_kvcache")
 
     return kernels.kvcache_attention(q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal, scale)
+
+
+torch.library.impl("seqkernels::flash_attention_kvcache", "CUDA", func=_cuda)
 
 
 def _check(q, k_cache, v_cache, k, v, cache_seqlens, block_table) -> tuple[Tensor, Optional[Tensor]]:
