@@ -82,13 +82,6 @@ inline void check_layer_args(const at::Tensor& x, const at::Tensor& h0, const at
   }
 }
 
-// The tensors a backward reads besides the forward's inputs: each must cover every step
-// and sequence (a shorter one would be read out of bounds).
-inline void check_saved(const at::Tensor& t, const char* op, const char* name, at::IntArrayRef sizes,
-                        const at::Tensor& x) {
-  check_arg(t, op, name, sizes, x);
-}
-
 // The states before steps t_lo .. t_lo+n-1, stacked (n, B, P): the state before step t is
 // hs[t-1] forward, hs[t+1] reverse, and h0 before the first step. dW_hh = dZ^T of it.
 inline at::Tensor previous_states(const Layer& L, const at::Tensor& h0, const at::Tensor& hs, int64_t t_lo,
@@ -366,14 +359,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const Layer L = make_layer(x, w_hh, 4, reverse, lengths);
   constexpr const char* op = "lstm_layer_backward";
   check_lstm_args(x, c0, whr, proj, std::nullopt, L, op);
-  check_saved(dy_, op, "grad_y", {L.T, L.B, L.P}, x);
-  check_saved(dhn, op, "grad_h_n", {L.B, L.P}, x);
-  check_saved(dcn, op, "grad_c_n", {L.B, L.H}, x);
-  check_saved(gates, op, "gates", {L.T, L.B, 4 * L.H}, x);
-  check_saved(y, op, "y", {L.T, L.B, L.P}, x);
-  if (L.lengths) check_saved(hs_, op, "hs", {L.T, L.B, L.P}, x);
-  check_saved(cs, op, "cs", {L.T, L.B, L.H}, x);
-  if (proj) check_saved(rs, op, "rs", {L.T, L.B, L.H}, x);
+  // What the backward reads beside the forward's inputs must cover every step and sequence
+  // (a shorter tensor would be read out of bounds).
+  check_arg(dy_, op, "grad_y", {L.T, L.B, L.P}, x);
+  check_arg(dhn, op, "grad_h_n", {L.B, L.P}, x);
+  check_arg(dcn, op, "grad_c_n", {L.B, L.H}, x);
+  check_arg(gates, op, "gates", {L.T, L.B, 4 * L.H}, x);
+  check_arg(y, op, "y", {L.T, L.B, L.P}, x);
+  if (L.lengths) check_arg(hs_, op, "hs", {L.T, L.B, L.P}, x);
+  check_arg(cs, op, "cs", {L.T, L.B, L.H}, x);
+  if (proj) check_arg(rs, op, "rs", {L.T, L.B, L.H}, x);
   const at::Tensor hs = L.lengths ? hs_.contiguous() : y.contiguous();
   const at::Tensor gates_c = gates.contiguous(), cs_c = cs.contiguous();
   const at::Tensor rs_c = proj ? rs.contiguous() : rs;
@@ -445,10 +440,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer
   const Layer L = make_layer(x, w_hh, 1, reverse, lengths);
   constexpr const char* op = "rnn_layer_backward";
   TORCH_CHECK(L.P == L.H, op, ": w_hh must be square, got ", w_hh.sizes());
-  check_saved(dy_, op, "grad_y", {L.T, L.B, L.H}, x);
-  check_saved(dhn, op, "grad_h_n", {L.B, L.H}, x);
-  check_saved(y, op, "y", {L.T, L.B, L.H}, x);
-  if (L.lengths) check_saved(hs_, op, "hs", {L.T, L.B, L.H}, x);
+  check_arg(dy_, op, "grad_y", {L.T, L.B, L.H}, x);
+  check_arg(dhn, op, "grad_h_n", {L.B, L.H}, x);
+  check_arg(y, op, "y", {L.T, L.B, L.H}, x);
+  if (L.lengths) check_arg(hs_, op, "hs", {L.T, L.B, L.H}, x);
   const at::Tensor hs = L.lengths ? hs_.contiguous() : y.contiguous();
   at::Tensor dh_a = dhn.contiguous().clone(), dh_b = at::empty_like(dh_a);
   at::Tensor dh0, dx, dw_ih, dw_hh, dbias;

@@ -28,7 +28,7 @@ def forbid_double_backward(op: str) -> None:
 def functorch_wrapped(*tensors) -> bool:
     """Whether any argument is a torch.func (functorch) wrapper: inside ``torch.func.grad``,
     ``vmap``, ``jacrev`` ... The custom ops have no functorch rules, so callers either run
-    plain-PyTorch math there or raise :func:`func_unsupported`."""
+    plain-PyTorch math there or raise an error that says torch.func is unsupported."""
     if torch.compiler.is_compiling():  # dynamo cannot trace the query (and unwraps functorch itself)
         return False
     wrapped = torch._C._functorch.is_functorch_wrapped_tensor

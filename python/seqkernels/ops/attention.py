@@ -163,10 +163,9 @@ def check_attention_inputs(q: Tensor, k: Tensor, v: Tensor, fn: str = "flash_att
         raise ArgumentError(f"{fn}: {name} must be 4-D (batch, heads, seq, head_dim), got shape {tuple(t)}")
     dt = q.dtype
     if dt not in _DTYPES or k.dtype != dt or v.dtype != dt:
-        bad = next((n, t.dtype) for n, t in (("q", q), ("k", k), ("v", v)) if t.dtype not in _DTYPES) \
-            if any(t.dtype not in _DTYPES for t in (q, k, v)) else None
-        if bad is not None:
-            raise ArgumentTypeError(f"{fn}: {bad[0]} must be float16, bfloat16, float32 or float64, got {bad[1]}")
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            if t.dtype not in _DTYPES:
+                raise ArgumentTypeError(f"{fn}: {name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
         raise ArgumentTypeError(f"{fn}: q, k and v must have the same dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
         raise ArgumentError(f"{fn}: q, k and v must be on the same device, got {q.device}, {k.device}, {v.device}")

@@ -33,9 +33,9 @@ def _fake(q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal, scale):
 def _cuda(q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal, scale):
     from seqkernels.kernels import decode as kernels
 
-    # the values again: a compiled graph skips the Python API's checks (the CPU op checks in C++)
+    # the op body checks the values itself (the Python API leaves them to it off the CPU, and
+    # a compiled graph skips the API's checks); the CPU op checks them in C++
     _check_values(k_cache, cache_seqlens, block_table, 0 if k is None else k.shape[2], "flash_attention_kvcache")
-
     return kernels.kvcache_attention(q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal, scale)
 
 
@@ -109,7 +109,9 @@ def _check(q, k_cache, v_cache, k, v, cache_seqlens, block_table) -> tuple[Tenso
         raise ArgumentTypeError(f"{_FN}: cache_seqlens must be an int or an int32/int64 tensor of shape ({B},)")
     if cache_seqlens.device != q.device:
         raise ArgumentError(f"{_FN}: cache_seqlens must be on {q.device}")
-    if not torch.compiler.is_compiling():  # traced: the op checks the values when it runs
+    # the values: here on the CPU (the C++ op checks them again, for direct calls); a GPU op
+    # body checks them itself, and so does every op body under torch.compile
+    if q.device.type == "cpu" and not torch.compiler.is_compiling():
         _check_values(k_cache, cache_seqlens, block_table, Lnew, _FN)
     return cache_seqlens, block_table
 

@@ -21,7 +21,7 @@ from ..errors import ArgumentError, ArgumentTypeError
 from ..reference.attention import causal_mask
 from ..reference.philox import dropout_keep_mask
 from ._common import functorch_wrapped, script_unsupported
-from .attention import MAX_HEAD_DIM, _attention, _check_mask_args, _new_rng_state, is_causal_bias
+from .attention import MAX_HEAD_DIM, _attention, _new_rng_state, is_causal_bias
 
 _FN = "scaled_dot_product_attention"
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -130,8 +130,8 @@ def _broadcast(*shapes) -> tuple:
 
 
 def _batch_and_heads(query, key, value, enable_gqa):
-    """(batch dims, query heads, kv heads) for inputs of rank >= 3, or None when the batch
-    dims do not broadcast. Raises torch's errors for heads that cannot pair."""
+    """(batch dims, query heads, kv heads) for inputs of rank >= 3. Raises torch's errors for
+    batch dims that do not broadcast and heads that cannot pair."""
     try:
         lead = _broadcast(query.shape[:-3], key.shape[:-3], value.shape[:-3])
     except ValueError as e:
@@ -185,7 +185,6 @@ def _sdpa(query, key, value, attn_mask, dropout_p, causal, bottom_right, scale, 
     if attn_mask is not None and (attn_mask.dim() > 4 or (attn_mask.dim() == 4 and len(lead) > 1)):
         # fold the leading batch dims into one (a copy only where they mix broadcast and not)
         mask4 = attn_mask.expand(*lead, *attn_mask.shape[-3:]).reshape(B, *attn_mask.shape[-3:])
-    _check_mask_args(q, k, mask4, None, dropout_p, _FN)
     scale = 1.0 / math.sqrt(E) if scale is None else float(scale)
     out, _ = _attention(q, k, v, causal, bottom_right, scale, mask4, None, dropout_p)
     return out if out.shape == out_shape else out.reshape(out_shape)
