@@ -1,0 +1,218 @@
+"""seqkernels as the attention of Hugging Face transformers models.
+
+::
+
+    import seqkernels.integrations.transformers as skt
+    skt.register()                                   # once per process; name "seqkernels"
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="seqkernels")
+    # or: from_pretrained(path, attn_implementation="seqkernels")
+    # or: model.set_attn_implementation("seqkernels"); or: skt.apply(model)
+
+:func:`register` registers two things under one name, and both are needed: the attention
+function (transformers' ``AttentionInterface``) and the mask function
+(``AttentionMaskInterface``). With only the first, transformers builds **no mask at all**
+for a name it does not know, and padding, sliding windows and packed sequences are dropped
+without a warning. The mask function is transformers' own ``sdpa_mask``: the kernels get
+exactly the boolean masks (or ``None``) that torch's SDPA gets, and read them in place
+(never expanded), so key tiles a mask hides entirely (right or left padding, the far side
+of a sliding window) are skipped.
+
+The attention function keeps the contract of transformers' sdpa integration (the same
+arguments, the same causality rule, ``(batch, seq, heads, head_dim)`` output) and runs
+:func:`seqkernels.scaled_dot_product_attention`, which mirrors torch's function exactly:
+
+- grouped-query attention without repeating the K/V heads;
+- causal by sdpa's rule: top-left ``is_causal`` only when no mask is given and more than one
+  query row is computed, which is also right for a static cache's prefill (keys longer
+  than queries: the empty slots are in the future of every query);
+- dropout in training (the kernels' Philox dropout);
+- decode steps (one query row, or a few) take the kernels' decode regime by themselves;
+- no Python-side state: ``torch.compile(model, fullgraph=True)`` gives one graph.
+
+Arguments the kernels do not implement are never ignored: ``softcap`` (Gemma 2) runs an
+exact materialized fallback (O(L * S) memory) until the kernels have it; ``sliding_window``
+is in the mask transformers builds (and applied here if a call comes without a mask);
+``position_bias`` (T5) becomes an additive float mask, as in transformers' sdpa path;
+attention sinks (``s_aux``) raise a clear error; ``output_attentions=True`` warns, as
+transformers' sdpa does, and returns no weights.
+
+Needs ``transformers`` (``pip install 'seqkernels[transformers]'``); ``import seqkernels``
+never imports it. Tested with transformers 5.24.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..errors import ArgumentError
+from ..ops.sdpa import scaled_dot_product_attention
+
+DEFAULT_NAME = "seqkernels"
+INSTALL_HINT = "pip install 'seqkernels[transformers]'  (or: pip install 'transformers>=5.0')"
+# transformers gives names containing these words their own routing (the hub kernel loader for
+# "flash", torch-SDPA availability checks for "sdpa", ...), so a registration under such a name
+# would never reach the functions registered here.
+_ROUTED_WORDS = ("flash", "sdpa", "flex_attention", "eager", "paged", "|")
+
+__all__ = ["DEFAULT_NAME", "apply", "attention_forward", "register"]
+
+
+def _transformers():
+    """The client's pieces, imported on first use, with an install hint when missing."""
+    try:
+        import transformers
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    except ImportError as e:
+        raise ImportError("seqkernels.integrations.transformers needs Hugging Face transformers >= 5.0, "
+                          f"which is not installed here: {INSTALL_HINT}") from e
+    major = int(transformers.__version__.split(".")[0])
+    if major < 5:
+        raise ImportError(f"seqkernels.integrations.transformers needs transformers >= 5.0, found "
+                          f"{transformers.__version__}: {INSTALL_HINT}")
+    return AttentionInterface, AttentionMaskInterface, sdpa_mask
+
+
+def register(name: str = DEFAULT_NAME) -> str:
+    """Register seqkernels' attention and mask functions in transformers under ``name``.
+
+    After this, ``attn_implementation=name`` works in ``from_config``, ``from_pretrained``
+    and ``set_attn_implementation``. Registering again is harmless. Returns ``name``.
+
+    Raises ``ValueError`` for a name that transformers routes elsewhere (one containing
+    "flash", "sdpa", "flex_attention", "eager", "paged" or "|"), and ``ImportError`` with the
+    install command when transformers is missing.
+    """
+    if not isinstance(name, str) or not name:
+        raise ArgumentError(f"register: name must be a non-empty string, got {name!r}")
+    routed = [w for w in _ROUTED_WORDS if w in name]
+    if routed:
+        raise ArgumentError(f"register: name {name!r} contains {routed[0]!r}, which transformers routes to its own "
+                            "implementations (a name with 'flash' goes to the hub kernel loader), so the "
+                            f"seqkernels functions would never run; use a name without it, e.g. {DEFAULT_NAME!r}")
+    attention_interface, mask_interface, sdpa_mask = _transformers()
+    attention_interface.register(name, attention_forward)
+    mask_interface.register(name, sdpa_mask)
+    return name
+
+
+def apply(model, name: str = DEFAULT_NAME):
+    """Switch an already built transformers model to seqkernels attention, in place:
+    :func:`register` then ``model.set_attn_implementation(name)``. Returns the model."""
+    model.set_attn_implementation(register(name))
+    return model
+
+
+def _warn_output_attentions() -> None:
+    from transformers.utils import logging
+
+    logging.get_logger(__name__).warning_once(
+        "seqkernels attention does not support `output_attentions=True` (the fused kernels never form the "
+        "attention weights); no weights are returned. Set the attention to `eager` to get them.")
+
+
+def attention_forward(
+    module: torch.nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Optional[Tensor],
+    dropout: float = 0.0,
+    scaling: Optional[float] = None,
+    is_causal: Optional[bool] = None,
+    **kwargs,
+) -> tuple[Tensor, None]:
+    """transformers' attention contract on the seqkernels kernels.
+
+    query (B, H, Lq, D), key and value (B, Hk, Lk, D / Dv) with Hk dividing H;
+    ``attention_mask`` None, boolean (True = attend) or additive float, broadcastable to
+    (B, H, Lq, Lk). Returns ((B, Lq, H, Dv) output, None).
+    """
+    if kwargs.get("output_attentions", False):
+        _warn_output_attentions()
+    if kwargs.get("s_aux") is not None:
+        raise ArgumentError("seqkernels attention does not implement attention sinks (s_aux); use "
+                            "attn_implementation='eager' for this model")
+    q_len, kv_len = query.shape[2], key.shape[2]
+    is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    # transformers' sdpa rule: the causal flag (top-left) only without a mask and beyond one query row
+    causal = q_len > 1 and attention_mask is None and bool(is_causal)
+
+    window = kwargs.get("sliding_window")
+    if attention_mask is None and window is not None and kv_len > window:
+        # transformers puts the window into the mask it builds; a call without one gets it here
+        attention_mask = _window_mask(q_len, kv_len, int(window), causal, query.device)
+        causal = False
+
+    position_bias = kwargs.get("position_bias")
+    if position_bias is not None:  # T5-style learned bias: an additive float mask, as in the sdpa path
+        attention_mask = _with_position_bias(position_bias, attention_mask, causal, q_len, kv_len, query.dtype)
+        causal = False
+
+    softcap = kwargs.get("softcap")
+    if softcap is not None and softcap != 0:
+        out = _softcap_math(query, key, value, attention_mask, dropout, scaling, causal, float(softcap))
+    else:
+        out = scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
+                                           is_causal=causal, scale=scaling,
+                                           enable_gqa=query.shape[1] != key.shape[1])
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _positions(q_len: int, kv_len: int, top_left: bool, device) -> tuple[Tensor, Tensor]:
+    """Query and key positions: top-left (the causal flag's alignment) or bottom-right (a
+    query block at the end of its keys, as a cache gives)."""
+    offset = 0 if top_left else kv_len - q_len
+    return (torch.arange(q_len, device=device) + offset)[:, None], torch.arange(kv_len, device=device)[None, :]
+
+
+def _window_mask(q_len: int, kv_len: int, window: int, causal: bool, device) -> Tensor:
+    """transformers' sliding-window rule, query i sees keys j with i - window < j (<= i if
+    causal), as a (1, 1, Lq, Lk) boolean mask."""
+    i, j = _positions(q_len, kv_len, causal, device)
+    keep = j > i - window
+    if causal:
+        keep = keep & (j <= i)
+    return keep[None, None]
+
+
+def _with_position_bias(bias: Tensor, mask: Optional[Tensor], causal: bool, q_len: int, kv_len: int,
+                        dtype: torch.dtype) -> Tensor:
+    """An additive float mask: the bias where a key is visible, the dtype's minimum (as
+    transformers uses) where it is not; differentiable in the bias."""
+    bias = bias[..., :kv_len]
+    hidden_value = torch.finfo(dtype).min
+    if mask is None and causal:
+        i, j = _positions(q_len, kv_len, True, bias.device)
+        mask = (j <= i)[None, None]
+    if mask is None:
+        return bias.to(dtype)
+    if mask.dtype == torch.bool:
+        return torch.where(mask, bias.to(dtype), hidden_value)
+    return bias.to(dtype) + mask.to(dtype)
+
+
+def _softcap_math(query, key, value, mask, dropout, scaling, causal, softcap) -> Tensor:
+    """Exact attention with tanh logit softcapping (Gemma 2), materialized in the inputs'
+    dtype: softmax(softcap * tanh(q k^T * scale / softcap) + mask) v."""
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1:
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    scale = 1.0 / math.sqrt(query.shape[-1]) if scaling is None else float(scaling)
+    scores = torch.tanh((query @ key.transpose(-2, -1)) * (scale / softcap)) * softcap
+    if causal:
+        i, j = _positions(query.shape[2], key.shape[2], True, query.device)
+        scores = scores.masked_fill(j > i, float("-inf"))
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    scores = scores.to(torch.promote_types(scores.dtype, torch.float32))
+    probs = torch.softmax(scores, dim=-1)
+    # a row that sees no key gives zeros (as the kernels do), NaN inputs stay NaN
+    probs = torch.where(scores.amax(dim=-1, keepdim=True) == float("-inf"), 0.0, probs).to(query.dtype)
+    if dropout > 0.0:
+        probs = torch.nn.functional.dropout(probs, p=dropout)
+    return probs @ value
