@@ -188,9 +188,10 @@ void forward_kernel(const Dims& d, const attention::Masking<scalar_t>& mk, const
       }
       const int64_t kend = mk.key_end(b, i0 + rows - 1);  // keys past it are masked for every row
       for (int64_t j0 = 0; j0 < kend; j0 += kFwdK) {
-        const int64_t cols = std::min(kFwdK, kend - j0);
+        int64_t cols = std::min(kFwdK, kend - j0);
         const auto tile = mk.tile_state(b, h, i0, rows, j0, cols);
         if (tile == attention::Masking<scalar_t>::Tile::kHidden) continue;
+        if (tile == attention::Masking<scalar_t>::Tile::kMixed) cols = mk.shown_cols(b, h, i0, rows, j0, cols);
         scalar_t* S = s_buf.data();
         at::Tensor s_tile;  // oneDNN's result, alive until the PV product is done
         if constexpr (std::is_same_v<scalar_t, float>) {
@@ -227,10 +228,7 @@ void forward_kernel(const Dims& d, const attention::Masking<scalar_t>& mk, const
         }
         if constexpr (std::is_same_v<scalar_t, float>) {
           if (use_onednn) {
-            for (int64_t j = 0; j < cols; ++j) {  // V tile (cols x Dv) -> (Dv x cols)
-              const float* vrow = V + (j0 + j) * d.Dv;
-              for (int64_t c = 0; c < d.Dv; ++c) v_t[c * cols + j] = vrow[c];
-            }
+            transpose_tile(V + j0 * d.Dv, d.Dv, cols, d.Dv, v_t.data(), cols);  // (cols x Dv) -> (Dv x cols)
             at::Tensor pv = onednn_linear(at::from_blob(S, {rows, cols}, at::kFloat),
                                           at::from_blob(v_t.data(), {d.Dv, cols}, at::kFloat));
             add_into(O, pv.const_data_ptr<float>(), rows * d.Dv);
