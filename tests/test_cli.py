@@ -77,3 +77,18 @@ def test_memory_writes_table_json_csv_and_plot(tmp_path, capsys):
     assert "attention reference fwd" in data["fitted_exponents"]
     assert (tmp_path / "memory_cpu.png").stat().st_size > 10_000
     assert "fitted exponent" in capsys.readouterr().out
+
+
+def test_speed_transformers_quick_writes_rows(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    assert cli.main(["speed", "--ops", "transformers", "--quick", "--repeat", "1", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "speed_cpu_transformers.json").read_text())
+    assert data["meta"]["transformers"] and data["meta"]["matmul_GFLOPs_float32"] > 0
+    assert {r["kind"] for r in data["rows"]} == {"prefill", "train", "decode"}
+    for r in data["rows"]:
+        for impl in ("seqkernels", "sdpa", "eager"):
+            assert r[f"{impl}_ms"] > 0 and r[f"{impl}_tokens_per_s"] > 0
+        assert math.isclose(r["speedup_vs_sdpa"], r["sdpa_ms"] / r["seqkernels_ms"])
+        share = r.get("share_of_matmul_roof", r.get("share_of_read_bw"))
+        assert 0 < share < 2
+    assert "vs sdpa" in capsys.readouterr().out

@@ -87,14 +87,16 @@ def cmd_speed(args) -> int:
 
     device = _check_device(args.device)
     ops = [o.strip() for o in args.ops.split(",") if o.strip()] if args.ops else list(SPEED_SUITES)
-    unknown = [o for o in ops if o not in SPEED_SUITES and o != "decode"]
+    separate = {"decode": _speed_decode, "transformers": _speed_transformers}  # suites with their own tables
+    unknown = [o for o in ops if o not in SPEED_SUITES and o not in separate]
     if unknown:
-        raise CliError(f"unknown op {unknown[0]!r}; choose from {', '.join(SPEED_SUITES)}, decode")
-    if "decode" in ops:
-        _speed_decode(args, device)
-        ops = [o for o in ops if o != "decode"]
-        if not ops:
-            return 0
+        raise CliError(f"unknown op {unknown[0]!r}; choose from {', '.join(SPEED_SUITES)}, {', '.join(separate)}")
+    for name, run in separate.items():
+        if name in ops:
+            run(args, device)
+    ops = [o for o in ops if o not in separate]
+    if not ops:
+        return 0
     rows = run_speed(ops, device, args.quick, repeat=args.repeat)
     meta = _metadata(device)
     print(f"\nspeed on {meta['machine']} ({meta['date']}, torch {meta['torch']}); times are medians in ms")
@@ -238,6 +240,35 @@ def _speed_decode(args, device: str) -> None:
     if _plot_decode(rows, png, meta):
         paths.append(png)
     print("wrote " + ", ".join(paths))
+
+
+def _speed_transformers(args, device: str) -> None:
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        raise CliError("--ops transformers needs Hugging Face transformers: pip install 'seqkernels[transformers]'")
+    if device != "cpu":
+        raise CliError("--ops transformers measures the CPU (the GPU model benchmark is not written yet)")
+    from .profiling.suites import Progress
+    from .profiling.transformers import grid, run_transformers
+
+    bar = Progress(len(grid(args.quick)), "transformers")
+    rows, limits = run_transformers(args.quick, repeat=args.repeat, progress=bar)
+    bar.close()
+    meta = dict(_metadata(device), **limits, transformers=transformers.__version__)
+    print(f"\na small Llama in transformers {transformers.__version__} on {meta['machine']} ({meta['date']}, torch "
+          f"{meta['torch']}); medians in ms; matmul roof "
+          + ", ".join(f"{k.split('_')[-1]} {v:.0f} GFLOP/s" for k, v in limits.items() if k.startswith("matmul"))
+          + f"; read bandwidth {limits['read_GBps_1GiB']:.1f} GB/s")
+    print(_table(rows, [("kind", "kind", ""), ("L", "L", "d"), ("B", "B", "d"), ("padding", "padding", ""),
+                        ("dtype", "dtype", ""), ("seqkernels", "seqkernels_ms", ".1f"), ("sdpa", "sdpa_ms", ".1f"),
+                        ("eager", "eager_ms", ".1f"), ("tokens/s", "seqkernels_tokens_per_s", ".0f"),
+                        ("sdpa tokens/s", "sdpa_tokens_per_s", ".0f"), ("vs sdpa", "speedup_vs_sdpa", ".2f"),
+                        ("vs eager", "speedup_vs_eager", ".2f"), ("GFLOP/s", "seqkernels_gflops", ".0f"),
+                        ("share of roof", "share_of_matmul_roof", ".2f"), ("GB/s", "seqkernels_GBps", ".1f"),
+                        ("share of read bw", "share_of_read_bw", ".2f")]))
+    stem = f"speed_{device}_transformers"
+    print("wrote " + ", ".join(_write(args.out, stem, meta, rows)))
 
 
 def _plot_decode(rows, path, meta) -> bool:
