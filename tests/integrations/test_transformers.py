@@ -25,15 +25,19 @@ NAME = skt.register()
 
 @pytest.fixture
 def calls(monkeypatch):
-    """How many attention calls reached seqkernels' drop-in during the test."""
-    counter = {"n": 0}
-    inner = skt.scaled_dot_product_attention
+    """How many attention calls reached seqkernels during the test: n in all, and
+    "lengths" of them through flash_attention with key_lengths (the right-padding form)."""
+    counter = {"n": 0, "lengths": 0}
 
-    def counting(*args, **kwargs):
-        counter["n"] += 1
-        return inner(*args, **kwargs)
+    def counting(inner, lengths):
+        def call(*args, **kwargs):
+            counter["n"] += 1
+            counter["lengths"] += lengths and kwargs.get("key_lengths") is not None
+            return inner(*args, **kwargs)
+        return call
 
-    monkeypatch.setattr(skt, "scaled_dot_product_attention", counting)
+    monkeypatch.setattr(skt, "scaled_dot_product_attention", counting(skt.scaled_dot_product_attention, False))
+    monkeypatch.setattr(skt, "flash_attention", counting(skt.flash_attention, True))
     return counter
 
 
@@ -131,6 +135,8 @@ def test_decoder_logits_match_sdpa(family, padding, dtype, calls):
     theirs = _logits(model, "sdpa", ids, attention_mask=mask)
     ours = _logits(model, NAME, ids, attention_mask=mask)
     assert calls["n"] == model.config.num_hidden_layers
+    # right padding runs as key lengths; left padding (and a sliding window) reads the mask
+    assert calls["lengths"] == (calls["n"] if padding == "right" and family != "mistral" else 0)
     _assert_close(ours, theirs, mask, dtype)
 
 
@@ -145,7 +151,7 @@ def test_bert_padding_matches_sdpa(dtype, calls):
         theirs = model(ids, attention_mask=mask).last_hidden_state
         model.set_attn_implementation(NAME)
         ours = model(ids, attention_mask=mask).last_hidden_state
-    assert calls["n"] == 2
+    assert calls["n"] == calls["lengths"] == 2
     _assert_close(ours, theirs, mask, dtype)
 
 
@@ -160,6 +166,7 @@ def test_bart_cross_attention_matches_sdpa(dtype, calls):
     theirs = _logits(model, "sdpa", ids, attention_mask=mask, decoder_input_ids=dec)
     ours = _logits(model, NAME, ids, attention_mask=mask, decoder_input_ids=dec)
     assert calls["n"] == 2 + 2 * 2  # encoder self, decoder self and cross
+    assert calls["lengths"] == 2 + 2  # the encoder's padding, in the encoder and in cross-attention
     _assert_close(ours, theirs, torch.ones(dec.shape), dtype)
 
 

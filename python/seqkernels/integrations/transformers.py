@@ -14,8 +14,10 @@ function (transformers' ``AttentionInterface``) and the mask function
 for a name it does not know, and padding, sliding windows and packed sequences are dropped
 without a warning. The mask function is transformers' own ``sdpa_mask``: the kernels get
 exactly the boolean masks (or ``None``) that torch's SDPA gets, and read them in place
-(never expanded), so key tiles a mask hides entirely (right or left padding, the far side
-of a sliding window) are skipped.
+(never expanded), so key tiles a mask hides entirely (left padding, the far side of a
+sliding window) are skipped and mixed tiles are computed only up to their last shown key.
+Right padding, the common case in training and for encoders, is recognised in eager mode
+and runs as ``key_lengths`` (see :func:`mask_function`), which costs nothing to read.
 
 The attention function keeps the contract of transformers' sdpa integration (the same
 arguments, the same causality rule, ``(batch, seq, heads, head_dim)`` output) and runs
@@ -49,6 +51,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ArgumentError
+from ..ops.attention import flash_attention
 from ..ops.sdpa import scaled_dot_product_attention
 
 DEFAULT_NAME = "seqkernels"
@@ -58,7 +61,7 @@ INSTALL_HINT = "pip install 'seqkernels[transformers]'  (or: pip install 'transf
 # would never reach the functions registered here.
 _ROUTED_WORDS = ("flash", "sdpa", "flex_attention", "eager", "paged", "|")
 
-__all__ = ["DEFAULT_NAME", "apply", "attention_forward", "register"]
+__all__ = ["DEFAULT_NAME", "apply", "attention_forward", "mask_function", "register"]
 
 
 def _transformers():
@@ -94,10 +97,46 @@ def register(name: str = DEFAULT_NAME) -> str:
         raise ArgumentError(f"register: name {name!r} contains {routed[0]!r}, which transformers routes to its own "
                             "implementations (a name with 'flash' goes to the hub kernel loader), so the "
                             f"seqkernels functions would never run; use a name without it, e.g. {DEFAULT_NAME!r}")
-    attention_interface, mask_interface, sdpa_mask = _transformers()
+    attention_interface, mask_interface, _ = _transformers()
     attention_interface.register(name, attention_forward)
-    mask_interface.register(name, sdpa_mask)
+    mask_interface.register(name, mask_function)
     return name
+
+
+# The attribute a mask from mask_function carries when it is exactly "right padding" (with
+# the causal rule or without): (key_lengths (B,) int64, causal). Read by attention_forward.
+_LENGTHS_ATTR = "_seqkernels_key_lengths"
+
+
+def mask_function(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset=0, mask_function=None,
+                  attention_mask: Optional[Tensor] = None, **kwargs):
+    """transformers' ``sdpa_mask`` (the same boolean mask, or None), plus one fast form.
+
+    When the mask is exactly key padding at the end of each row (right padding), with
+    transformers' plain causal rule on a square problem or bidirectional, the returned
+    mask carries the key lengths, and :func:`attention_forward` runs the kernels with
+    ``key_lengths`` (and the causal flag) instead of reading the mask: padded key tiles are
+    then never visited. Eager mode only (the check reads the 2-D mask's values); under
+    torch.compile the mask is read in place, with the same result.
+    """
+    from transformers.masking_utils import bidirectional_mask_function, causal_mask_function, sdpa_mask
+
+    if mask_function is None:
+        mask_function = causal_mask_function
+    mask = sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+                     kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask, **kwargs)
+    causal = mask_function is causal_mask_function
+    if (mask is None or attention_mask is None or torch.compiler.is_compiling()
+            or not (causal or mask_function is bidirectional_mask_function)
+            or not (isinstance(q_offset, int) and isinstance(kv_offset, int) and q_offset == kv_offset == 0)
+            or (causal and q_length != kv_length) or attention_mask.dim() != 2
+            or attention_mask.shape != (batch_size, kv_length)):
+        return mask
+    keep = attention_mask.bool()
+    lengths = keep.sum(-1)
+    if torch.equal(keep, torch.arange(kv_length, device=keep.device) < lengths[:, None]):
+        setattr(mask, _LENGTHS_ATTR, (lengths, causal))
+    return mask
 
 
 def apply(model, name: str = DEFAULT_NAME):
@@ -154,8 +193,14 @@ def attention_forward(
         causal = False
 
     softcap = kwargs.get("softcap")
+    fast = getattr(attention_mask, _LENGTHS_ATTR, None) if attention_mask is not None else None
     if softcap is not None and softcap != 0:
         out = _softcap_math(query, key, value, attention_mask, dropout, scaling, causal, float(softcap))
+    elif fast is not None and attention_mask.shape[-2:] == (q_len, kv_len):
+        # right padding from mask_function: key lengths (and the causal flag), the same visibility
+        lengths, causal = fast
+        out = flash_attention(query, key, value, causal=causal, scale=scaling, key_lengths=lengths,
+                              dropout_p=dropout)
     else:
         out = scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
                                            is_causal=causal, scale=scaling,
