@@ -17,11 +17,12 @@ BUILD_STAMP := build/.built
 test: $(BUILD_STAMP)
 	$(VPY) -m pytest tests -q
 
-# About 11 minutes on the 2-core CPU machine (speed sweep of every op family, 3.5 min; decode, 3 min;
-# then memory).
+# About 26 minutes on the 2-core CPU machine (speed sweep of every op family, 3.5 min; decode, 3 min;
+# a small Llama in transformers, 15 min; then memory).
 bench: $(BUILD_STAMP)
 	$(VPY) -m seqkernels.bench speed --device cpu --out bench/results
 	$(VPY) -m seqkernels.bench speed --device cpu --ops decode --out bench/results
+	$(VPY) -m seqkernels.bench speed --device cpu --ops transformers --out bench/results
 	$(VPY) -m seqkernels.bench memory --device cpu --out bench/results
 
 venv: $(DEPS_STAMP)
