@@ -14,7 +14,7 @@ from seqkernels.errors import ArgumentError
 
 from seqkernels.distributed.launch import run_ranks
 
-CASES = [  # (causal, layout, method, B, H, Hk, shard length, D, Dv)
+CASES = [  # (causal, layout, method, B, H, Hk, shard length, D, Dv[, scale])
     (False, "contiguous", "ring", 2, 4, 2, 7, 8, 8),
     (True, "contiguous", "ring", 2, 4, 2, 7, 8, 8),
     (False, "zigzag", "ring", 1, 2, 2, 6, 16, 8),
@@ -24,11 +24,14 @@ CASES = [  # (causal, layout, method, B, H, Hk, shard length, D, Dv)
     (False, "contiguous", "allgather", 1, 2, 1, 3, 8, 4),
     (True, "zigzag", "allgather", 2, 4, 2, 6, 8, 8),
     (True, "contiguous", "ring", 1, 2, 2, 130, 16, 16),  # a shard longer than a kernel tile
+    (True, "zigzag", "ring", 1, 4, 2, 4, 8, 8, 0.3),
+    (False, "zigzag", "allgather", 1, 4, 2, 4, 8, 8, 2.5),
 ]
 
 
 def _case_errors(rank, P, case, dtype=torch.float64, seed=0, device="cpu"):
-    causal, layout, method, B, H, Hk, Ls, D, Dv = case
+    causal, layout, method, B, H, Hk, Ls, D, Dv = case[:9]
+    scale = case[9] if len(case) > 9 else None
     g = torch.Generator().manual_seed(seed)
     L = Ls * P
 
@@ -37,10 +40,10 @@ def _case_errors(rank, P, case, dtype=torch.float64, seed=0, device="cpu"):
 
     q, k, v, go = randn(B, H, L, D), randn(B, Hk, L, D), randn(B, Hk, L, Dv), randn(B, H, L, Dv)
     full = [t.clone().requires_grad_() for t in (q, k, v)]
-    ref = seqkernels.flash_attention(*full, causal=causal)
+    ref = seqkernels.flash_attention(*full, causal=causal, scale=scale)
     ref.backward(go)
     shards = [shard_sequence(t, 2, layout).requires_grad_() for t in (q, k, v)]
-    out = ring_flash_attention(*shards, causal=causal, layout=layout, method=method)
+    out = ring_flash_attention(*shards, causal=causal, scale=scale, layout=layout, method=method)
     out.backward(shard_sequence(go, 2, layout))
     errs = {"out": (out - shard_sequence(ref, 2, layout)).abs().max().item()}
     for name, s, f in zip("qkv", shards, full):

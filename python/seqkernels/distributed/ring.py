@@ -145,22 +145,14 @@ def _merge(acc_out: Tensor, acc_lse: Tensor, out: Tensor, lse: Tensor, rows: sli
 # --- point-to-point -----------------------------------------------------------------------------
 
 def _post_ring(tensors: list[Tensor], group, send_to: int, recv_from: int):
-    """Post one packed send to the next rank and one receive from the previous; returns
-    (receive buffer, requests)."""
+    """Post the sends of ``tensors`` to the next rank and receives of as many from the
+    previous one (one batch); returns (receive buffers, requests). No packed copy: a rank
+    holds its block, the block in flight and nothing else."""
     dist = _dist()
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    buf = torch.empty_like(flat)
-    reqs = dist.batch_isend_irecv([dist.P2POp(dist.isend, flat, send_to, group),
-                                   dist.P2POp(dist.irecv, buf, recv_from, group)])
-    return buf, reqs
-
-
-def _unpack(buf: Tensor, like: list[Tensor]) -> list[Tensor]:
-    out, i = [], 0
-    for t in like:
-        out.append(buf[i:i + t.numel()].view(t.shape))
-        i += t.numel()
-    return out
+    recv = [torch.empty_like(t) for t in tensors]
+    ops = [dist.P2POp(dist.isend, t.contiguous(), send_to, group) for t in tensors]
+    ops += [dist.P2POp(dist.irecv, r, recv_from, group) for r in recv]
+    return recv, dist.batch_isend_irecv(ops)
 
 
 def _wait(reqs) -> None:
@@ -188,7 +180,7 @@ def _ring_forward(q, k, v, group, causal, scale, layout):
     B, H, L, _ = q.shape
     out = torch.zeros(B, H, L, v.shape[-1], dtype=_acc_dtype(q.dtype), device=q.device)
     lse = torch.full((B, H, L), float("-inf"), dtype=out.dtype, device=q.device)
-    kv = [k, v]
+    kv = [k.contiguous(), v.contiguous()]  # sent as they are: no temporary copy to keep alive
     for step in range(P):
         reqs = None
         if step < P - 1:  # the next shard travels while this one is computed
@@ -199,7 +191,7 @@ def _ring_forward(q, k, v, group, causal, scale, layout):
             _merge(out, lse, o, l.to(lse.dtype), rows)
         if reqs is not None:
             _wait(reqs)
-            kv = _unpack(buf, kv)
+            kv = buf
     return out.to(q.dtype), lse
 
 
@@ -209,7 +201,7 @@ def _ring_backward(grad_out, q, k, v, out, lse, group, causal, scale, layout):
     L = q.shape[2]
     acc = _acc_dtype(q.dtype)
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
-    kv = [k, v]
+    kv = [k.contiguous(), v.contiguous()]  # sent as they are: no temporary copy to keep alive
     dkv = [torch.zeros(k.shape, dtype=acc, device=k.device), torch.zeros(v.shape, dtype=acc, device=v.device)]
     lse_in = lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
     for step in range(P):
@@ -228,9 +220,9 @@ def _ring_backward(grad_out, q, k, v, out, lse, group, causal, scale, layout):
         dbuf, dreqs = _post_ring(dkv, group, nxt, prv)
         if reqs is not None:
             _wait(reqs)
-            kv = _unpack(buf, kv)
+            kv = buf
         _wait(dreqs)
-        dkv = _unpack(dbuf, dkv)
+        dkv = dbuf
     return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype)
 
 

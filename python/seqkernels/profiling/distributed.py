@@ -112,7 +112,7 @@ def run(out_dir: str, L: int = 8192, mem_L: int = 16384, repeat: int = 5, quick:
     os.environ.update(_CHILD_ENV)  # the spawned ranks inherit the pinned malloc thresholds
     try:
         for method in ("ring",) if quick else ("ring", "allgather"):
-            for P in (1, 2, 4):
+            for P in (1, 2, 4) if quick or method == "allgather" else (1, 2, 4, 8):
                 peaks = run_ranks(_rank_memory, P, mshape, True, "zigzag", method, timeout=900)
                 rows.append(dict(kind="memory", P=P, B=1, H=8, Hk=8, L=mem_L, D=64, causal=True, layout="zigzag",
                                  method=method, peak_bytes_per_rank=max(peaks),
