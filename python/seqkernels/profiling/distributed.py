@@ -72,6 +72,30 @@ def _rank_memory(rank, P, shape, causal, layout, method):
                                                                      method=method), tensors, go))
 
 
+def _rank_bandwidth(rank, P, nbytes, repeat=12):
+    """Bytes/s of one exchange of nbytes each way with the other rank (P = 2), the link W."""
+    import torch.distributed as dist
+
+    x = torch.ones(nbytes // 4)
+    y = torch.empty_like(x)
+    times = []
+    for _ in range(repeat):
+        dist.barrier()
+        t0 = time.perf_counter()
+        for r in dist.batch_isend_irecv([dist.P2POp(dist.isend, x, 1 - rank), dist.P2POp(dist.irecv, y, 1 - rank)]):
+            r.wait()
+        times.append(time.perf_counter() - t0)
+    return nbytes / statistics.median(times)
+
+
+def loopback_bandwidth(nbytes: int = 16 << 20) -> float:
+    """GB/s each way between two gloo ranks on 127.0.0.1 (a 16 MiB block: one K/V shard of
+    the timed shape)."""
+    from seqkernels.distributed.launch import run_ranks
+
+    return min(run_ranks(_rank_bandwidth, 2, nbytes)) / 1e9
+
+
 def _single_time(shape, causal, threads, repeat):
     import seqkernels
 
@@ -125,7 +149,7 @@ def run(out_dir: str, L: int = 8192, mem_L: int = 16384, repeat: int = 5, quick:
                 os.environ[k] = v
     from ..cli import _metadata
 
-    data = dict(meta=_metadata("cpu"), rows=rows)
+    data = dict(meta=dict(_metadata("cpu"), loopback_GBps_16MiB=loopback_bandwidth()), rows=rows)
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "ring_cpu.json"), "w") as f:
         json.dump(data, f, indent=1)
