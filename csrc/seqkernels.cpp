@@ -35,15 +35,17 @@ TORCH_LIBRARY(seqkernels, m) {
   // or of q's dtype (added to the scaled scores); key_lengths (B,) int64, keys at or past
   // a batch's length are masked; dropout_p with rng_state = int64 [seed, offset] (on the
   // CPU for the CPU kernel, on q's device otherwise): the dropout mask is a function of
-  // them (csrc/attention/masking.h), so the backward must get the same values.
+  // them (csrc/attention/masking.h), so the backward must get the same values. softcap > 0:
+  // scores s -> softcap * tanh(s / softcap) before every mask (Gemma 2's logit capping).
   m.def(
       "flash_attention_forward(Tensor q, Tensor k, Tensor v, bool causal, bool bottom_right, "
       "float scale, Tensor? attn_mask=None, Tensor? key_lengths=None, float dropout_p=0., "
-      "Tensor? rng_state=None) -> (Tensor, Tensor)");
+      "Tensor? rng_state=None, float softcap=0.) -> (Tensor, Tensor)");
   m.def(
       "flash_attention_backward(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, "
       "Tensor out, Tensor lse, bool causal, bool bottom_right, float scale, Tensor? attn_mask=None, "
-      "Tensor? key_lengths=None, float dropout_p=0., Tensor? rng_state=None) -> (Tensor, Tensor, Tensor)");
+      "Tensor? key_lengths=None, float dropout_p=0., Tensor? rng_state=None, float softcap=0.) "
+      "-> (Tensor, Tensor, Tensor)");
 
   // Attention against a KV cache (csrc/attention/kvcache_cpu.cpp, kernels/decode.py): the
   // new k/v (B, Hk, Lnew, D) or None are written in place into k_cache / v_cache at

@@ -303,8 +303,6 @@ void decode_forward(const DecodeDims& d, const Masking<A>& mk, const KVRows<T>& 
           const T* krows[4];
           for (int64_t t = 0; t < nk; ++t) {
             krows[t] = kv.k_row(b, hk, j0 + jj + t);
-            // Streams from memory: ask for this block's V rows (read after the scores) and the
-            // next block's K rows now, so that the loads are in flight while this block computes.
             // K and V stream from memory: ask for the rows kPrefetchRows ahead, so that enough
             // loads are in flight (the hardware prefetcher alone reached a third of the read
             // bandwidth here).
@@ -317,6 +315,7 @@ void decode_forward(const DecodeDims& d, const Masking<A>& mk, const KVRows<T>& 
         for (int64_t r = 0; r < R; ++r) {
           A* srow = S + r * kDecodeBlock;
           const int64_t h = hk * d.G + r / d.Lq, i = r % d.Lq;
+          mk.cap(srow, n);
           mk.apply(srow, b, h, i, j0, n, Masking<A>::Tile::kMixed);
           const A m_new = nan_max(M[r], block_max(srow, n));
           if (m_new == kNegInf) {  // nothing visible yet: the block adds nothing to this row

@@ -81,7 +81,7 @@ struct MaskInputs {
 template <typename scalar_t>
 attention::Masking<scalar_t> make_masking(const Dims& d, bool causal, bool bottom_right,
                                           const MaskInputs& in, double dropout_p,
-                                          const std::optional<at::Tensor>& rng_state) {
+                                          const std::optional<at::Tensor>& rng_state, double softcap) {
   attention::Masking<scalar_t> m;
   m.H = d.H;
   m.Lq = d.Lq;
@@ -101,6 +101,9 @@ attention::Masking<scalar_t> make_masking(const Dims& d, bool causal, bool botto
     }
   }
   TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "flash_attention: dropout_p must be in [0, 1), got ", dropout_p);
+  TORCH_CHECK(std::isfinite(softcap) && softcap >= 0.0, "flash_attention: softcap must be a finite number >= 0, got ",
+              softcap);
+  m.softcap = static_cast<scalar_t>(softcap);
   if (dropout_p > 0.0) {
     TORCH_CHECK(rng_state.has_value() && rng_state->defined() && rng_state->numel() == 2 &&
                     rng_state->scalar_type() == at::kLong && rng_state->device().is_cpu(),
@@ -206,6 +209,7 @@ void forward_kernel(const Dims& d, const attention::Masking<scalar_t>& mk, const
         }
         for (int64_t r = 0; r < rows; ++r) {
           scalar_t* srow = S + r * cols;
+          mk.cap(srow, cols);
           mk.apply(srow, b, h, i0 + r, j0, cols, tile);
           const scalar_t tile_max = row_max(srow, cols);
           // NaN anywhere (a score, the running max) makes m_new NaN, and with it alpha, l
@@ -256,7 +260,7 @@ std::tuple<at::Tensor, at::Tensor> flash_attention_forward_cpu(
     const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, bool causal,
     bool bottom_right, double scale, const std::optional<at::Tensor>& attn_mask,
     const std::optional<at::Tensor>& key_lengths, double dropout_p,
-    const std::optional<at::Tensor>& rng_state) {
+    const std::optional<at::Tensor>& rng_state, double softcap) {
   check_inputs(q_, k_, v_);
   const at::Tensor q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous();
   const Dims d = make_dims(q, k, v);
@@ -266,7 +270,7 @@ std::tuple<at::Tensor, at::Tensor> flash_attention_forward_cpu(
   // Few query rows per K/V head (decoding): the bandwidth-bound decode kernel (decode.h).
   const bool decode = dropout_p == 0.0 && d.G * d.Lq <= attention::kDecodeMaxRows && decode_regime_flag().load();
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "flash_attention_forward_cpu", [&] {
-    const auto mk = make_masking<scalar_t>(d, causal, bottom_right, mask_in, dropout_p, rng_state);
+    const auto mk = make_masking<scalar_t>(d, causal, bottom_right, mask_in, dropout_p, rng_state, softcap);
     if (decode) {
       attention::KVRows<scalar_t> kv;
       kv.k = k.const_data_ptr<scalar_t>();
@@ -307,6 +311,7 @@ void backward_kernel(const Dims& d, const attention::Masking<scalar_t>& mk, int6
   at::parallel_for(0, d.B * d.Hk * nchunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<scalar_t> p_buf(kBwdQ * kBwdK), dp_buf(kBwdQ * kBwdK);
     std::vector<scalar_t> z_buf(mk.has_dropout() ? kBwdQ * kBwdK : 0);
+    std::vector<scalar_t> g_buf(mk.has_softcap() ? kBwdQ * kBwdK : 0);  // the cap's slope, 0 where unused
     for (int64_t task = begin; task < end; ++task) {
       const int64_t chunk = task % nchunks, bhk = task / nchunks;
       const int64_t b = bhk / d.Hk, hk = bhk % d.Hk;
@@ -335,6 +340,7 @@ void backward_kernel(const Dims& d, const attention::Masking<scalar_t>& mk, int6
             const scalar_t* DELTA = delta + bh * d.Lq + i0;
             scalar_t* P = p_buf.data();
             scalar_t* dS = dp_buf.data();
+            scalar_t* G = g_buf.data();
             gemm_rm<scalar_t>(N, T, rows, cols, d.D, scale, Q, d.D, K, d.D, 0, P, cols);
             for (int64_t r = 0; r < rows; ++r) {
               scalar_t* prow = P + r * cols;
@@ -345,6 +351,10 @@ void backward_kernel(const Dims& d, const attention::Masking<scalar_t>& mk, int6
               if (LSE[r] != LSE[r]) {  // a NaN row: exp_sub_sum's fast exp would not keep it NaN
                 std::fill(prow, prow + cols, std::numeric_limits<scalar_t>::quiet_NaN());
                 continue;
+              }
+              if (mk.has_softcap()) {  // capped scores, and the cap's slope for dS
+                mk.cap(prow, cols);
+                mk.cap_slope(prow, cols, G + r * cols);
               }
               mk.apply(prow, b, h, i0 + r, j0, cols, tile);
               exp_sub_sum(prow, cols, LSE[r]);
@@ -369,6 +379,9 @@ void backward_kernel(const Dims& d, const attention::Masking<scalar_t>& mk, int6
                 at::vec::map2([dl](Vec p, Vec dp) { return p * (dp - dl); }, dsrow, P + r * cols,
                               dsrow, cols);
               }
+              if (mk.has_softcap()) {  // through the cap: d tanh = 1 - tanh^2
+                at::vec::map2([](Vec ds, Vec g) { return ds * g; }, dsrow, dsrow, G + r * cols, cols);
+              }
             }
             gemm_rm<scalar_t>(T, N, cols, d.D, rows, scale, dS, cols, Q, d.D, 1, dK, d.D);
             gemm_rm<scalar_t>(N, N, rows, d.D, cols, scale, dS, cols, K, d.D, 1,
@@ -385,7 +398,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_backward_cpu(
     const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, const at::Tensor& out_,
     const at::Tensor& lse_, bool causal, bool bottom_right, double scale,
     const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_lengths,
-    double dropout_p, const std::optional<at::Tensor>& rng_state) {
+    double dropout_p, const std::optional<at::Tensor>& rng_state, double softcap) {
   check_inputs(q_, k_, v_);
   const at::Tensor q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous();
   const Dims d = make_dims(q, k, v);
@@ -427,7 +440,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_backward_cpu(
   at::Tensor dk = new_output({d.B, d.Hk, d.Lk, d.D}, q.options());
   at::Tensor dv = new_output({d.B, d.Hk, d.Lk, d.Dv}, q.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "flash_attention_backward_cpu", [&] {
-    const auto mk = make_masking<scalar_t>(d, causal, bottom_right, mask_in, dropout_p, rng_state);
+    const auto mk = make_masking<scalar_t>(d, causal, bottom_right, mask_in, dropout_p, rng_state, softcap);
     backward_kernel<scalar_t>(d, mk, nchunks, q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(),
                               v.const_data_ptr<scalar_t>(), dout.const_data_ptr<scalar_t>(),
                               lse.const_data_ptr<scalar_t>(), delta.const_data_ptr<scalar_t>(),

@@ -20,7 +20,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
+#include <type_traits>
 
 namespace seqkernels {
 namespace attention {
@@ -53,6 +55,39 @@ inline uint32_t dropout_threshold(double p) {
   return t >= 4294967295.0 ? 4294967295u : static_cast<uint32_t>(t);
 }
 
+// s[j] = c * tanh(s[j] / c) in float, branch-free so that the compiler vectorizes the loop
+// (std::tanh per element made a capped forward 3.8x slower than a plain one). tanh(x) =
+// sign(x) (1 - e) / (1 + e) with e = exp(-2|x|), |x| clamped to 9 (tanh(9) rounds to 1);
+// exp(y) = 2^k p(r), k = round(y / ln 2), r = y - k ln 2 in two parts (Cody-Waite), p the
+// degree-6 Taylor polynomial (|r| <= ln 2 / 2: relative error below 2e-7); below |x| = 1e-2,
+// where 1 - e cancels, x - x^3 / 3. NaN stays NaN.
+inline void softcap_float(float* s, int64_t n, float c) {
+  const float inv = 1.0f / c;
+  for (int64_t j = 0; j < n; ++j) {
+    const float x = s[j] * inv;
+    const float a = std::fabs(x);
+    const float y = -2.0f * (a < 9.0f ? a : 9.0f);
+    const float k = (y * 1.44269504f + 12582912.0f) - 12582912.0f;  // round to nearest (1.5 * 2^23)
+    const float r = (y - k * 0.693145751953125f) - k * 1.42860682e-06f;
+    float p = 1.0f / 720;
+    p = p * r + 1.0f / 120;
+    p = p * r + 1.0f / 24;
+    p = p * r + 1.0f / 6;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    uint32_t bits;
+    std::memcpy(&bits, &p, sizeof bits);
+    bits += static_cast<uint32_t>(static_cast<int32_t>(k)) << 23;  // times 2^k (k in [-26, 0])
+    float e;
+    std::memcpy(&e, &bits, sizeof e);
+    float t = (1.0f - e) / (1.0f + e);
+    t = a < 1e-2f ? a - a * a * a * (1.0f / 3) : t;
+    t = std::copysign(t, x);
+    s[j] = x != x ? x : c * t;
+  }
+}
+
 // Everything that masks or rescales a score, read-only, for one call.
 template <typename scalar_t>
 struct Masking {
@@ -70,12 +105,33 @@ struct Masking {
   const bool* bool_mask = nullptr;
   const scalar_t* add_mask = nullptr;
   int64_t sb = 0, sh = 0, si = 0, sj = 0;
+  // Logit softcapping: softcap > 0 maps a scaled score s to softcap * tanh(s / softcap),
+  // before any mask is added or applied (flash-attn's order); 0 = off.
+  scalar_t softcap = 0;
   // Dropout: 0 <= p < 1; kept probabilities are scaled by 1 / (1 - p).
   double dropout_p = 0.0;
   uint32_t threshold = 0;
   uint64_t seed = 0, rng_offset = 0;
 
   bool has_mask() const { return bool_mask != nullptr || add_mask != nullptr; }
+  bool has_softcap() const { return softcap > 0; }
+
+  // Scores s[0:n] (scaled) -> softcap * tanh(s / softcap); called before apply(). NaN stays
+  // NaN; +-inf become +-softcap, as in the math.
+  void cap(scalar_t* s, int64_t n) const {
+    if (!has_softcap()) return;
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      softcap_float(s, n, softcap);
+    } else {
+      const scalar_t inv = scalar_t(1) / softcap;
+      for (int64_t j = 0; j < n; ++j) s[j] = softcap * std::tanh(s[j] * inv);
+    }
+  }
+  // The derivative of the cap at capped scores t[0:n]: 1 - (t / softcap)^2, into g.
+  void cap_slope(const scalar_t* t, int64_t n, scalar_t* g) const {
+    const scalar_t inv = scalar_t(1) / softcap;
+    for (int64_t j = 0; j < n; ++j) g[j] = scalar_t(1) - (t[j] * inv) * (t[j] * inv);
+  }
   bool has_dropout() const { return dropout_p > 0.0; }
 
   // One past the last key any query of batch b may see (key lengths only).

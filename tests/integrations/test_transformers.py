@@ -193,7 +193,8 @@ def test_gemma2_softcap_and_window_match_eager(calls):
     ids, mask = _batch(padding="right")
     theirs = _logits(model, "eager", ids, attention_mask=mask)
     ours = _logits(model, NAME, ids, attention_mask=mask)
-    assert calls["n"] == 0  # softcap: the exact fallback, not the kernels
+    assert calls["n"] == 2  # softcap in the kernels (the full layer as key lengths)
+    assert calls["lengths"] == 1
     _assert_close(ours, theirs, mask, torch.float32)
 
 
@@ -334,13 +335,15 @@ def test_attention_function_window_without_a_mask():
     torch.testing.assert_close(ours, _sdpa_reference(q, k, v, mask=window), rtol=1e-12, atol=1e-12)
 
 
-def test_attention_function_softcap_matches_float64_math():
-    q, k, v = _qkv(Lq=7, Lk=7)
+@pytest.mark.parametrize("Lq, Lk", [(7, 7), (4, 7)])  # kernels; a static cache's prefill: the fallback
+def test_attention_function_softcap_matches_float64_math(Lq, Lk, calls):
+    q, k, v = _qkv(Lq=Lq, Lk=Lk)
     q = q * 4
     ours, _ = skt.attention_forward(_Module(), q, k, v, None, softcap=1.5, scaling=0.3)
+    assert calls["n"] == (1 if Lq == Lk else 0)
     kr, vr = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)
     s = 1.5 * torch.tanh(q @ kr.transpose(-2, -1) * 0.3 / 1.5)
-    s = s.masked_fill(torch.ones(7, 7, dtype=torch.bool).triu(1), float("-inf"))
+    s = s.masked_fill(torch.ones(Lq, Lk, dtype=torch.bool).triu(1), float("-inf"))  # top-left
     ref = (torch.softmax(s, dim=-1) @ vr).transpose(1, 2)
     torch.testing.assert_close(ours, ref, rtol=1e-13, atol=1e-13)
 

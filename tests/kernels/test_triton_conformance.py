@@ -69,7 +69,9 @@ def triton_forward(monkeypatch):
     """Route the drop-in's op call to the Triton forward on CPU tensors (the interpreter)."""
     calls = []
 
-    def fwd(q, k, v, causal, bottom_right, scale, attn_mask=None, key_lengths=None, dropout_p=0.0, rng_state=None):
+    def fwd(q, k, v, causal, bottom_right, scale, attn_mask=None, key_lengths=None, dropout_p=0.0, rng_state=None,
+            softcap=0.0):
+        assert softcap == 0.0  # not in the Triton kernels yet
         calls.append((causal, bottom_right, attn_mask))
         return K.forward(q, k, v, causal, bottom_right, scale, attn_mask, key_lengths, dropout_p, rng_state)
 

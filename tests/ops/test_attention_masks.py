@@ -37,17 +37,18 @@ def kernel_keep_mask(rng_state_before, shape, p):
     return ref.dropout_keep_mask(shape, p, seed, offset)
 
 
-def check_flash(q, k, v, *, causal=False, bottom_right=True, tol_scale=1.0, dropout_p=0.0, **masks):
+def check_flash(q, k, v, *, causal=False, bottom_right=True, tol_scale=1.0, dropout_p=0.0, softcap=0.0, **masks):
     """flash_attention with masks against the float64 reference: out, lse, dq, dk, dv."""
     state = torch.random.get_rng_state()
-    out, lse = seqkernels.flash_attention(q, k, v, causal=causal, return_lse=True, dropout_p=dropout_p, **masks)
+    out, lse = seqkernels.flash_attention(q, k, v, causal=causal, return_lse=True, dropout_p=dropout_p,
+                                          softcap=softcap, **masks)
     keep = None
     if dropout_p > 0:  # the same Philox stream the kernel drew its seed for
         keep = kernel_keep_mask(state, (q.shape[0], q.shape[1], q.shape[2], k.shape[2]), dropout_p)
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
     m64 = {n: (t.double() if t is not None and t.is_floating_point() else t) for n, t in masks.items()}
     out_e, lse_e = ref.flash_attention(q64, k64, v64, causal=causal, bottom_right=bottom_right,
-                                       dropout_p=dropout_p, dropout_mask=keep, **m64)
+                                       dropout_p=dropout_p, dropout_mask=keep, softcap=softcap, **m64)
     dt = q.dtype
     testing.assert_close(out, out_e, dt, tol_scale, "out")
     fin = torch.isfinite(lse_e)

@@ -31,8 +31,9 @@ arguments, the same causality rule, ``(batch, seq, heads, head_dim)`` output) an
 - decode steps (one query row, or a few) take the kernels' decode regime by themselves;
 - no Python-side state: ``torch.compile(model, fullgraph=True)`` gives one graph.
 
-Arguments the kernels do not implement are never ignored: ``softcap`` (Gemma 2) runs an
-exact materialized fallback (O(L * S) memory) until the kernels have it; ``sliding_window``
+Arguments the kernels do not implement are never ignored: ``softcap`` (Gemma 2) runs on the
+kernels (on a GPU, as exact materialized math for now; where the kernels cannot take the call,
+a static cache's prefill or a float mask, an exact materialized fallback); ``sliding_window``
 is in the mask transformers builds (and applied here if a call comes without a mask);
 ``position_bias`` (T5) becomes an additive float mask, as in transformers' sdpa path;
 attention sinks (``s_aux``) raise a clear error; ``output_attentions=True`` warns, as
@@ -192,20 +193,20 @@ def attention_forward(
         attention_mask = _with_position_bias(position_bias, attention_mask, causal, q_len, kv_len, query.dtype)
         causal = False
 
-    softcap = kwargs.get("softcap")
+    softcap = float(kwargs.get("softcap") or 0.0)
     fast = getattr(attention_mask, _LENGTHS_ATTR, None) if attention_mask is not None else None
-    if softcap is not None and softcap != 0:
-        out = _softcap_math(query, key, value, attention_mask, dropout, scaling, causal, float(softcap))
-    elif fast is not None and attention_mask.shape[-2:] == (q_len, kv_len):
+    if fast is not None and attention_mask.shape[-2:] == (q_len, kv_len):
         # right padding from mask_function: key lengths (and the causal flag), the same visibility
         lengths, causal = fast
         out = flash_attention(query, key, value, causal=causal, scale=scaling, key_lengths=lengths,
-                              dropout_p=dropout)
+                              dropout_p=dropout, softcap=softcap)
     elif _kernel_call(query, key, value, attention_mask) and (not causal or q_len == kv_len):
         # the native entry point (bottom-right causal = top-left here): a decode step's fixed
         # cost is several microseconds lower than through the drop-in's broadcasting checks
         out = flash_attention(query, key, value, causal=causal, scale=scaling, attn_mask=attention_mask,
-                              dropout_p=dropout)
+                              dropout_p=dropout, softcap=softcap)
+    elif softcap:  # a top-left causal flag with Lk > Lq, or a float mask: exact math
+        out = _softcap_math(query, key, value, attention_mask, dropout, scaling, causal, softcap)
     else:  # everything else torch's function takes: static-cache prefill, float masks with grad, ...
         out = scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
                                            is_causal=causal, scale=scaling,

@@ -46,7 +46,7 @@ def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
 
 @torch.library.register_fake("seqkernels::flash_attention_forward")
 def _fwd_fake(q, k, v, causal, bottom_right, scale, attn_mask=None, key_lengths=None, dropout_p=0.0,
-              rng_state=None):
+              rng_state=None, softcap=0.0):
     B, H, Lq, _ = q.shape
     out = q.new_empty(B, H, Lq, v.shape[-1])
     lse = q.new_empty(B, H, Lq, dtype=_lse_dtype(q.dtype))
@@ -55,7 +55,7 @@ def _fwd_fake(q, k, v, causal, bottom_right, scale, attn_mask=None, key_lengths=
 
 @torch.library.register_fake("seqkernels::flash_attention_backward")
 def _bwd_fake(grad_out, grad_lse, q, k, v, out, lse, causal, bottom_right, scale, attn_mask=None,
-              key_lengths=None, dropout_p=0.0, rng_state=None):
+              key_lengths=None, dropout_p=0.0, rng_state=None, softcap=0.0):
     # the kernels return contiguous gradients whatever the inputs' strides
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
@@ -63,14 +63,14 @@ def _bwd_fake(grad_out, grad_lse, q, k, v, out, lse, causal, bottom_right, scale
 # --- autograd --------------------------------------------------------------------------------
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, causal, bottom_right, scale, attn_mask, key_lengths, dropout_p, rng_state = inputs
+    q, k, v, causal, bottom_right, scale, attn_mask, key_lengths, dropout_p, rng_state, softcap = inputs
     if attn_mask is not None and attn_mask.requires_grad:
         raise RuntimeError(
             "seqkernels::flash_attention_forward: the fused kernels do not compute a gradient for "
             "attn_mask; seqkernels.scaled_dot_product_attention computes it (materialized) instead")
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, attn_mask, key_lengths, rng_state)
-    ctx.causal, ctx.bottom_right, ctx.scale, ctx.dropout_p = causal, bottom_right, scale, dropout_p
+    ctx.causal, ctx.bottom_right, ctx.scale, ctx.dropout_p, ctx.softcap = causal, bottom_right, scale, dropout_p, softcap
 
 
 def _backward(ctx, grad_out, grad_lse):
@@ -78,8 +78,8 @@ def _backward(ctx, grad_out, grad_lse):
     if grad_out is None:
         grad_out = torch.zeros_like(out)
     dq, dk, dv = _bwd(grad_out, grad_lse, q, k, v, out, lse, ctx.causal, ctx.bottom_right, ctx.scale,
-                      attn_mask, key_lengths, ctx.dropout_p, rng_state)
-    return dq, dk, dv, None, None, None, None, None, None, None
+                      attn_mask, key_lengths, ctx.dropout_p, rng_state, ctx.softcap)
+    return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("seqkernels::flash_attention_forward", _backward, setup_context=_setup_context)
@@ -100,8 +100,9 @@ def _triton():
     return kernels
 
 
-def _use_triton(q) -> bool:
-    return q.dtype in _TRITON_DTYPES
+def _use_triton(q, softcap: float = 0.0) -> bool:
+    # softcap is not in the Triton kernels yet: such calls run the exact materialized math
+    return q.dtype in _TRITON_DTYPES and softcap == 0.0
 
 
 def _keep_mask(q, k, dropout_p, rng_state) -> Optional[Tensor]:
@@ -112,33 +113,36 @@ def _keep_mask(q, k, dropout_p, rng_state) -> Optional[Tensor]:
     return dropout_keep_mask(shape, dropout_p, seed, offset, device=q.device)
 
 
-def _materialized(q, k, v, causal, bottom_right, scale, attn_mask, key_lengths, dropout_p, rng_state):
+def _materialized(q, k, v, causal, bottom_right, scale, attn_mask, key_lengths, dropout_p, rng_state,
+                  softcap=0.0):
     out, lse = _reference_flash_attention(
         q, k, v, causal=causal, scale=scale, bottom_right=bottom_right, attn_mask=attn_mask,
-        key_lengths=key_lengths, dropout_p=dropout_p, dropout_mask=_keep_mask(q, k, dropout_p, rng_state))
+        key_lengths=key_lengths, dropout_p=dropout_p, dropout_mask=_keep_mask(q, k, dropout_p, rng_state),
+        softcap=softcap)
     return out, lse.to(_lse_dtype(q.dtype))
 
 
 @torch.library.impl("seqkernels::flash_attention_forward", "CUDA")
 def _fwd_cuda(q, k, v, causal, bottom_right, scale, attn_mask=None, key_lengths=None, dropout_p=0.0,
-              rng_state=None):
+              rng_state=None, softcap=0.0):
     check_key_lengths_range(key_lengths, k.shape[2], "flash_attention_forward")
-    if _use_triton(q):
+    if _use_triton(q, softcap):
         return _triton().forward(q, k, v, causal, bottom_right, scale, attn_mask, key_lengths, dropout_p, rng_state)
-    return _materialized(q, k, v, causal, bottom_right, scale, attn_mask, key_lengths, dropout_p, rng_state)
+    return _materialized(q, k, v, causal, bottom_right, scale, attn_mask, key_lengths, dropout_p, rng_state,
+                         softcap)
 
 
 @torch.library.impl("seqkernels::flash_attention_backward", "CUDA")
 def _bwd_cuda(grad_out, grad_lse, q, k, v, out, lse, causal, bottom_right, scale, attn_mask=None,
-              key_lengths=None, dropout_p=0.0, rng_state=None):
+              key_lengths=None, dropout_p=0.0, rng_state=None, softcap=0.0):
     check_key_lengths_range(key_lengths, k.shape[2], "flash_attention_backward")
-    if _use_triton(q):
+    if _use_triton(q, softcap):
         return _triton().backward(grad_out, grad_lse, q, k, v, out, lse, causal, bottom_right, scale, attn_mask,
                                   key_lengths, dropout_p, rng_state)
     with torch.enable_grad():
         qw, kw, vw = (t.detach().requires_grad_() for t in (q, k, v))
         o, l = _materialized(qw, kw, vw, causal, bottom_right, scale, attn_mask, key_lengths, dropout_p,
-                             rng_state)
+                             rng_state, softcap)
         finite = torch.isfinite(l)
         outs, grads = [o], [grad_out]
         if grad_lse is not None:
@@ -244,7 +248,7 @@ def _new_rng_state() -> Tensor:
     return seed * torch.tensor([1, 0], dtype=torch.int64)
 
 
-def _attention(q, k, v, causal, bottom_right, scale, attn_mask, key_lengths, dropout_p):
+def _attention(q, k, v, causal, bottom_right, scale, attn_mask, key_lengths, dropout_p, softcap=0.0):
     """Run the op on checked 4-D inputs; returns (out in q's dtype, lse)."""
     dtype = q.dtype
     if attn_mask is not None:
@@ -261,7 +265,7 @@ def _attention(q, k, v, causal, bottom_right, scale, attn_mask, key_lengths, dro
     drop_all = dropout_p >= 1.0
     p = 0.0 if drop_all else float(dropout_p)
     rng_state = _new_rng_state() if p > 0.0 else None
-    args = (q, k, v, bool(causal), bool(bottom_right), scale, attn_mask, key_lengths, p, rng_state)
+    args = (q, k, v, bool(causal), bool(bottom_right), scale, attn_mask, key_lengths, p, rng_state, float(softcap))
     if not torch.compiler.is_compiling() and not (
             torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
         # nothing to differentiate (inference, decoding): skip the Python autograd layer of the
@@ -286,6 +290,7 @@ def flash_attention(
     attn_mask: Optional[Tensor] = None,
     key_lengths: Optional[Tensor] = None,
     dropout_p: float = 0.0,
+    softcap: float = 0.0,
 ):
     """Exact attention softmax(q k^T * scale + mask) v, computed tile by tile in O(n) memory.
 
@@ -311,6 +316,10 @@ def flash_attention(
             from a counter-based generator (Philox) seeded from torch's CPU generator, is
             regenerated in the backward and never stored; see
             :func:`seqkernels.reference.dropout_keep_mask`.
+        softcap: logit softcapping (Gemma 2): with softcap > 0 each scaled score s becomes
+            softcap * tanh(s / softcap) before any mask is added or applied (flash-attn's
+            order); 0 (the default) turns it off. Differentiable. On the CPU kernels
+            (forward, backward, decode); on a GPU it runs the exact materialized math for now.
 
     Returns:
         out (batch, heads, Lq, head_dim_v), or (out, lse). Differentiable in q, k, v (and
@@ -328,26 +337,29 @@ def flash_attention(
         t for t in (q, k, v, attn_mask, key_lengths) if isinstance(t, Tensor))
     if has_torch_function(tensors):  # a tensor subclass: its own __torch_function__ decides
         return handle_torch_function(flash_attention, tensors, q, k, v, causal, scale, return_lse,
-                                     attn_mask=attn_mask, key_lengths=key_lengths, dropout_p=dropout_p)
+                                     attn_mask=attn_mask, key_lengths=key_lengths, dropout_p=dropout_p,
+                                     softcap=softcap)
     check_attention_inputs(q, k, v)
     _check_mask_args(q, k, attn_mask, key_lengths, dropout_p, "flash_attention")
+    if not isinstance(softcap, (int, float)) or not math.isfinite(softcap) or softcap < 0:
+        raise ArgumentError(f"flash_attention: softcap must be a finite number >= 0 (0 = off), got {softcap!r}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if functorch_wrapped(q, k, v, attn_mask):  # torch.func transforms: the same math, materialized
-        out, lse = _materialized_native(q, k, v, causal, scale, attn_mask, key_lengths, dropout_p)
+        out, lse = _materialized_native(q, k, v, causal, scale, attn_mask, key_lengths, dropout_p, softcap)
     else:
-        out, lse = _attention(q, k, v, causal, True, scale, attn_mask, key_lengths, dropout_p)
+        out, lse = _attention(q, k, v, causal, True, scale, attn_mask, key_lengths, dropout_p, softcap)
     return (out, lse) if return_lse else out
 
 
 script_unsupported(flash_attention, "seqkernels.flash_attention")
 
 
-def _materialized_native(q, k, v, causal, scale, attn_mask, key_lengths, dropout_p):
+def _materialized_native(q, k, v, causal, scale, attn_mask, key_lengths, dropout_p, softcap=0.0):
     """flash_attention's math with the full score matrix in plain PyTorch ops, for
     torch.func transforms (grad, vmap, jacrev, ...), which the custom ops do not support."""
     if attn_mask is not None and attn_mask.dtype != torch.bool:
         attn_mask = attn_mask.to(q.dtype)
     p = 0.0 if dropout_p >= 1.0 else float(dropout_p)
     out, lse = _materialized(q, k, v, causal, True, scale, attn_mask, key_lengths, p,
-                             _new_rng_state() if p > 0.0 else None)
+                             _new_rng_state() if p > 0.0 else None, softcap)
     return (out * 0 if dropout_p >= 1.0 else out), lse

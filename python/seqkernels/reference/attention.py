@@ -104,6 +104,7 @@ def flash_attention(
     key_lengths: Optional[Tensor] = None,
     dropout_p: float = 0.0,
     dropout_mask: Optional[Tensor] = None,
+    softcap: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
     """The convention of :func:`seqkernels.flash_attention`, materialized.
 
@@ -113,7 +114,8 @@ def flash_attention(
     (B, H, Lq, Lk): boolean (True = takes part) or added to the scaled scores.
     ``key_lengths`` (B,): keys j >= key_lengths[b] are masked. Dropout with probability
     ``dropout_p`` keeps the probabilities where ``dropout_mask`` (boolean, broadcast to
-    (B, H, Lq, Lk)) is True, scaled by 1/(1-p); random when no mask is given.
+    (B, H, Lq, Lk)) is True, scaled by 1/(1-p); random when no mask is given. ``softcap`` > 0
+    maps every scaled score s to softcap * tanh(s / softcap) before the masks.
 
     Returns (out (B, H, Lq, Dv), lse (B, H, Lq)) where lse is the log-sum-exp of each row of
     scaled, masked scores before dropout (-inf for a row that sees no key, whose output is
@@ -122,6 +124,8 @@ def flash_attention(
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     k, v = _expand_kv_heads(q, k, v)
     scores = (q @ k.transpose(-2, -1)) * scale
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)
     Lq, Lk = q.shape[-2], k.shape[-2]
     if causal:
         mask = causal_mask(Lq, Lk, bottom_right=bottom_right, device=q.device)

@@ -1,0 +1,138 @@
+"""Logit softcapping (Gemma 2): scores s -> softcap * tanh(s / softcap) before every mask,
+in the CPU kernel's forward, backward and decode regime, against the float64 reference
+(which applies the same formula to the materialized scores)."""
+
+import pytest
+import torch
+
+import seqkernels
+from seqkernels import reference as ref
+from seqkernels import testing
+from seqkernels.errors import ArgumentError
+
+from .test_attention import make
+from .test_attention_masks import check_flash
+
+OPS = torch.ops.seqkernels
+
+
+def _big(q, k, v, s=4.0):
+    """Scores well beyond the cap, so that tanh saturates and the cap matters."""
+    return (q.detach() * s).requires_grad_(), k, v
+
+
+@pytest.mark.parametrize("B, H, Hk, Lq, Lk, D", [
+    (2, 4, 2, 37, 53, 16),     # one tile
+    (1, 2, 2, 300, 701, 32),   # across the forward's 256 x 384 and the backward's 128 x 64 tiles
+    (2, 8, 2, 1, 389, 64),     # one row per head: the decode regime
+    (1, 4, 1, 3, 130, 8),      # a few rows per K/V head: decode regime, G * Lq = 12
+])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_softcap_matches_reference(B, H, Hk, Lq, Lk, D, causal, dtype):
+    q, k, v = _big(*make(B, H, Hk, Lq, Lk, D, dtype=dtype))
+    check_flash(q, k, v, causal=causal, softcap=1.7)
+
+
+@pytest.mark.parametrize("kind", ["bool", "float", "lengths", "dropout"])
+def test_softcap_with_masks_and_dropout(kind):
+    q, k, v = _big(*make(2, 4, 2, 45, 131, 16, dtype=torch.float64))
+    g = torch.Generator().manual_seed(3)
+    extra = {}
+    if kind == "bool":
+        extra["attn_mask"] = torch.rand(2, 1, 45, 131, generator=g) > 0.3
+    elif kind == "float":
+        extra["attn_mask"] = torch.randn(1, 4, 45, 131, generator=g, dtype=torch.float64)
+    elif kind == "lengths":
+        extra["key_lengths"] = torch.tensor([131, 60])
+    else:
+        extra["dropout_p"] = 0.3
+    check_flash(q, k, v, causal=True, softcap=0.9, **extra)
+
+
+def test_softcap_gradcheck():
+    q, k, v = _big(*make(1, 2, 1, 5, 7, 4, dtype=torch.float64), s=2.0)
+    torch.autograd.gradcheck(lambda q, k, v: seqkernels.flash_attention(q, k, v, causal=True, softcap=1.3),
+                             (q, k, v))
+
+
+def test_softcap_caps_before_the_mask():
+    # an additive mask of -1e4 still hides its key after the cap (the cap comes first), and
+    # +inf scores become softcap, as in the math
+    q, k, v = make(1, 1, 1, 4, 6, 8, dtype=torch.float64)
+    q = q.detach().clone()
+    q[0, 0, 1, 0] = float("inf")  # scores of row 1: +-inf, capped to +-softcap
+    mask = torch.zeros(4, 6, dtype=torch.float64)
+    mask[:, 2] = -1e4
+    out = seqkernels.flash_attention(q, k.detach(), v.detach(), attn_mask=mask, softcap=2.0)
+    e, _ = ref.flash_attention(q, k.detach(), v.detach(), attn_mask=mask, softcap=2.0)
+    torch.testing.assert_close(out, e, rtol=1e-12, atol=1e-12)
+
+
+def test_softcap_nan_propagates():
+    q, k, v = (t.detach() for t in make(1, 2, 2, 9, 40, 8, dtype=torch.float32))
+    q = q.clone()
+    q[0, 1, 4, 0] = float("nan")
+    out = seqkernels.flash_attention(q, k, v, softcap=3.0)
+    assert out[0, 1, 4].isnan().all() and not out[0, :, :4].isnan().any() and not out[0, 0].isnan().any()
+
+
+@pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf"), "2"])
+def test_softcap_bad_values(bad):
+    q, k, v = make(1, 1, 1, 4, 4, 8)
+    with pytest.raises(ArgumentError, match="softcap"):
+        seqkernels.flash_attention(q, k, v, softcap=bad)
+
+
+def test_softcap_direct_op_checks_in_cpp():
+    q, k, v = (t.detach() for t in make(1, 1, 1, 4, 4, 8, dtype=torch.float32))
+    with pytest.raises(RuntimeError, match="softcap must be a finite number"):
+        OPS.flash_attention_forward(q, k, v, False, True, 0.3, None, None, 0.0, None, -2.0)
+
+
+def test_softcap_opcheck_and_compile():
+    q, k, v = (t.detach() for t in make(1, 4, 2, 9, 13, 8, dtype=torch.float32))
+    torch.library.opcheck(OPS.flash_attention_forward, (q, k, v, True, True, 0.3, None, None, 0.0, None, 1.5))
+    out, lse = OPS.flash_attention_forward(q, k, v, True, True, 0.3, None, None, 0.0, None, 1.5)
+    go = torch.randn_like(out)
+    torch.library.opcheck(OPS.flash_attention_backward,
+                          (go, None, q, k, v, out, lse, True, True, 0.3, None, None, 0.0, None, 1.5))
+    f = torch.compile(lambda q, k, v: seqkernels.flash_attention(q, k, v, causal=True, softcap=1.5), fullgraph=True)
+    testing.assert_close(f(q, k, v), seqkernels.flash_attention(q, k, v, causal=True, softcap=1.5), torch.float32,
+                         1.0, "compiled")
+
+
+def test_gpu_body_without_triton_runs_the_exact_math():
+    """The CUDA body sends softcap calls to the materialized math (the Triton kernels do not
+    have it yet); that math is device-agnostic, so it is checked here on CPU tensors."""
+    from seqkernels.ops import attention as attn_ops
+
+    q, k, v = (t.detach() for t in _big(*make(1, 4, 2, 21, 33, 8, dtype=torch.float32)))
+    assert not attn_ops._use_triton(q, 1.5) and attn_ops._use_triton(q, 0.0)
+    out, lse = attn_ops._materialized(q, k, v, True, True, 0.35, None, None, 0.0, None, 1.5)
+    e_out, e_lse = OPS.flash_attention_forward(q, k, v, True, True, 0.35, None, None, 0.0, None, 1.5)
+    testing.assert_close(out, e_out, torch.float32, 1.0, "out")
+    testing.assert_close(lse, e_lse, torch.float32, 1.0, "lse")
+
+
+@pytest.mark.parametrize("Lq", [1, 4096])  # the decode regime and the general kernel
+def test_float32_cap_is_accurate(Lq):
+    """With one key and D = 1 the LSE of a row is its capped score: the float32 tanh of the
+    kernels against float64's, over scores from 0 to 40 softcaps (both signs), NaN kept."""
+    c = 3.0
+    s = torch.cat([torch.linspace(-40 * c, 40 * c, 100_003), torch.logspace(-8, 0, 4001), torch.tensor([0.0])])
+    n = s.numel()
+    q = torch.zeros(1, 1, n, 1) if Lq != 1 else torch.zeros(n, 1, 1, 1)
+    q.view(-1)[:] = s
+    q.view(-1)[7] = float("nan")
+    k = torch.ones(q.shape[0], 1, 1, 1)
+    v = torch.ones(q.shape[0], 1, 1, 1)
+    _, lse = seqkernels.flash_attention(q, k, v, scale=1.0, softcap=c, return_lse=True)
+    lse = lse.reshape(-1)
+    assert lse[7].isnan() and lse.isnan().sum() == 1
+    expected = c * torch.tanh(s.double() / c)
+    err = (lse.double() - expected).abs()
+    err[7] = 0
+    assert err.max() <= 2.5e-7 * c, err.max()
+    small = s.abs() < 1e-3  # relative accuracy near 0, where 1 - exp(-2x) would cancel
+    assert ((lse.double() - expected)[small].abs() <= 1e-6 * expected[small].abs() + 1e-12).all()
