@@ -37,15 +37,16 @@ TORCH_LIBRARY(seqkernels, m) {
   // CPU for the CPU kernel, on q's device otherwise): the dropout mask is a function of
   // them (csrc/attention/masking.h), so the backward must get the same values. softcap > 0:
   // scores s -> softcap * tanh(s / softcap) before every mask (Gemma 2's logit capping).
+  // window_left / window_right >= 0: flash-attn's sliding window, aligned as the causal mask.
   m.def(
       "flash_attention_forward(Tensor q, Tensor k, Tensor v, bool causal, bool bottom_right, "
       "float scale, Tensor? attn_mask=None, Tensor? key_lengths=None, float dropout_p=0., "
-      "Tensor? rng_state=None, float softcap=0.) -> (Tensor, Tensor)");
+      "Tensor? rng_state=None, float softcap=0., int window_left=-1, int window_right=-1) -> (Tensor, Tensor)");
   m.def(
       "flash_attention_backward(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, "
       "Tensor out, Tensor lse, bool causal, bool bottom_right, float scale, Tensor? attn_mask=None, "
-      "Tensor? key_lengths=None, float dropout_p=0., Tensor? rng_state=None, float softcap=0.) "
-      "-> (Tensor, Tensor, Tensor)");
+      "Tensor? key_lengths=None, float dropout_p=0., Tensor? rng_state=None, float softcap=0., "
+      "int window_left=-1, int window_right=-1) -> (Tensor, Tensor, Tensor)");
 
   // Attention against a KV cache (csrc/attention/kvcache_cpu.cpp, kernels/decode.py): the
   // new k/v (B, Hk, Lnew, D) or None are written in place into k_cache / v_cache at

@@ -81,7 +81,8 @@ struct MaskInputs {
 template <typename scalar_t>
 attention::Masking<scalar_t> make_masking(const Dims& d, bool causal, bool bottom_right,
                                           const MaskInputs& in, double dropout_p,
-                                          const std::optional<at::Tensor>& rng_state, double softcap) {
+                                          const std::optional<at::Tensor>& rng_state, double softcap,
+                                          int64_t window_left, int64_t window_right) {
   attention::Masking<scalar_t> m;
   m.H = d.H;
   m.Lq = d.Lq;
@@ -104,6 +105,11 @@ attention::Masking<scalar_t> make_masking(const Dims& d, bool causal, bool botto
   TORCH_CHECK(std::isfinite(softcap) && softcap >= 0.0, "flash_attention: softcap must be a finite number >= 0, got ",
               softcap);
   m.softcap = static_cast<scalar_t>(softcap);
+  TORCH_CHECK(window_left >= -1 && window_right >= -1, "flash_attention: window sizes must be >= -1 (-1 = unbounded), "
+              "got (", window_left, ", ", window_right, ")");
+  m.window_left = window_left;
+  m.window_right = window_right;
+  m.window_offset = m.causal_offset;
   if (dropout_p > 0.0) {
     TORCH_CHECK(rng_state.has_value() && rng_state->defined() && rng_state->numel() == 2 &&
                     rng_state->scalar_type() == at::kLong && rng_state->device().is_cpu(),
@@ -190,7 +196,9 @@ void forward_kernel(const Dims& d, const attention::Masking<scalar_t>& mk, const
         for (int64_t e = 0; e < rows * d.D; ++e) q_scaled[e] = Q[e] * scale;
       }
       const int64_t kend = mk.key_end(b, i0 + rows - 1);  // keys past it are masked for every row
-      for (int64_t j0 = 0; j0 < kend; j0 += kFwdK) {
+      // keys before the window of the block's first row are hidden for every row; tiles stay
+      // aligned to multiples of kFwdK
+      for (int64_t j0 = mk.key_begin(i0) / kFwdK * kFwdK; j0 < kend; j0 += kFwdK) {
         int64_t cols = std::min(kFwdK, kend - j0);
         const auto tile = mk.tile_state(b, h, i0, rows, j0, cols);
         if (tile == attention::Masking<scalar_t>::Tile::kHidden) continue;
@@ -260,7 +268,7 @@ std::tuple<at::Tensor, at::Tensor> flash_attention_forward_cpu(
     const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, bool causal,
     bool bottom_right, double scale, const std::optional<at::Tensor>& attn_mask,
     const std::optional<at::Tensor>& key_lengths, double dropout_p,
-    const std::optional<at::Tensor>& rng_state, double softcap) {
+    const std::optional<at::Tensor>& rng_state, double softcap, int64_t window_left, int64_t window_right) {
   check_inputs(q_, k_, v_);
   const at::Tensor q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous();
   const Dims d = make_dims(q, k, v);
@@ -270,7 +278,8 @@ std::tuple<at::Tensor, at::Tensor> flash_attention_forward_cpu(
   // Few query rows per K/V head (decoding): the bandwidth-bound decode kernel (decode.h).
   const bool decode = dropout_p == 0.0 && d.G * d.Lq <= attention::kDecodeMaxRows && decode_regime_flag().load();
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "flash_attention_forward_cpu", [&] {
-    const auto mk = make_masking<scalar_t>(d, causal, bottom_right, mask_in, dropout_p, rng_state, softcap);
+    const auto mk = make_masking<scalar_t>(d, causal, bottom_right, mask_in, dropout_p, rng_state, softcap, window_left,
+                                           window_right);
     if (decode) {
       attention::KVRows<scalar_t> kv;
       kv.k = k.const_data_ptr<scalar_t>();
@@ -327,11 +336,11 @@ void backward_kernel(const Dims& d, const attention::Masking<scalar_t>& mk, int6
         std::fill(dK, dK + cols * d.D, scalar_t(0));
         std::fill(dV, dV + cols * d.Dv, scalar_t(0));
         if (j0 >= mk.key_limit(b)) continue;  // padding keys: zero gradients, no work
-        const int64_t qstart = mk.first_query(j0);
+        const int64_t qstart = mk.first_query(j0), qend = mk.query_end(j0 + cols - 1);
         for (int64_t h = hk * d.G; h < (hk + 1) * d.G; ++h) {
           const int64_t bh = b * d.H + h;
-          for (int64_t i0 = qstart; i0 < d.Lq; i0 += kBwdQ) {
-            const int64_t rows = std::min(kBwdQ, d.Lq - i0);
+          for (int64_t i0 = qstart; i0 < qend; i0 += kBwdQ) {
+            const int64_t rows = std::min(kBwdQ, qend - i0);
             const auto tile = mk.tile_state(b, h, i0, rows, j0, cols);
             if (tile == attention::Masking<scalar_t>::Tile::kHidden) continue;
             const scalar_t* Q = q + (bh * d.Lq + i0) * d.D;
@@ -398,7 +407,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_backward_cpu(
     const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, const at::Tensor& out_,
     const at::Tensor& lse_, bool causal, bool bottom_right, double scale,
     const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_lengths,
-    double dropout_p, const std::optional<at::Tensor>& rng_state, double softcap) {
+    double dropout_p, const std::optional<at::Tensor>& rng_state, double softcap, int64_t window_left,
+    int64_t window_right) {
   check_inputs(q_, k_, v_);
   const at::Tensor q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous();
   const Dims d = make_dims(q, k, v);
@@ -440,7 +450,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_backward_cpu(
   at::Tensor dk = new_output({d.B, d.Hk, d.Lk, d.D}, q.options());
   at::Tensor dv = new_output({d.B, d.Hk, d.Lk, d.Dv}, q.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "flash_attention_backward_cpu", [&] {
-    const auto mk = make_masking<scalar_t>(d, causal, bottom_right, mask_in, dropout_p, rng_state, softcap);
+    const auto mk = make_masking<scalar_t>(d, causal, bottom_right, mask_in, dropout_p, rng_state, softcap, window_left,
+                                           window_right);
     backward_kernel<scalar_t>(d, mk, nchunks, q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(),
                               v.const_data_ptr<scalar_t>(), dout.const_data_ptr<scalar_t>(),
                               lse.const_data_ptr<scalar_t>(), delta.const_data_ptr<scalar_t>(),

@@ -105,6 +105,10 @@ struct Masking {
   const bool* bool_mask = nullptr;
   const scalar_t* add_mask = nullptr;
   int64_t sb = 0, sh = 0, si = 0, sj = 0;
+  // Sliding window (flash-attn's window_size): query i sees keys j with
+  // i + window_offset - window_left <= j <= i + window_offset + window_right; -1 = unbounded
+  // on that side. window_offset follows the causal alignment (Lk - Lq bottom-right, 0 top-left).
+  int64_t window_left = -1, window_right = -1, window_offset = 0;
   // Logit softcapping: softcap > 0 maps a scaled score s to softcap * tanh(s / softcap),
   // before any mask is added or applied (flash-attn's order); 0 = off.
   scalar_t softcap = 0;
@@ -138,16 +142,30 @@ struct Masking {
   int64_t key_limit(int64_t b) const {
     return key_lengths ? std::clamp<int64_t>(key_lengths[b], 0, Lk) : Lk;
   }
-  // One past the last key query row i of batch b may see (causal and key lengths).
+  // One past the last key query row i of batch b may see (causal, window and key lengths).
   int64_t key_end(int64_t b, int64_t i) const {
     const int64_t lim = key_limit(b);
-    if (!causal) return lim;
-    const int64_t offset = causal_from_length ? lim - Lq : causal_offset;
-    return std::clamp<int64_t>(i + offset + 1, 0, lim);
+    int64_t end = lim;
+    if (causal) {
+      const int64_t offset = causal_from_length ? lim - Lq : causal_offset;
+      end = std::clamp<int64_t>(i + offset + 1, 0, lim);
+    }
+    if (window_right >= 0) end = std::min(end, std::clamp<int64_t>(i + window_offset + window_right + 1, 0, lim));
+    return end;
   }
-  // The first query row that sees key j under the causal mask.
+  // The first key query row i may see (the window's left edge; 0 without one).
+  int64_t key_begin(int64_t i) const {
+    return window_left >= 0 ? std::clamp<int64_t>(i + window_offset - window_left, 0, Lk) : 0;
+  }
+  // The first query row that sees key j under the causal mask and the window's right edge.
   int64_t first_query(int64_t j) const {
-    return causal ? std::clamp<int64_t>(j - causal_offset, 0, Lq) : 0;
+    int64_t q0 = causal ? std::clamp<int64_t>(j - causal_offset, 0, Lq) : 0;
+    if (window_right >= 0) q0 = std::max(q0, std::clamp<int64_t>(j - window_offset - window_right, 0, Lq));
+    return q0;
+  }
+  // One past the last query row that sees key j (the window's left edge; Lq without one).
+  int64_t query_end(int64_t j) const {
+    return window_left >= 0 ? std::clamp<int64_t>(j - window_offset + window_left + 1, 0, Lq) : Lq;
   }
 
   // What the boolean mask does to the tile of queries [i0, i0 + rows) x keys [j0, j0 + cols):
@@ -209,20 +227,22 @@ struct Masking {
     const int64_t visible = std::max<int64_t>(key_end(b, i) - j0, 0);
     if (visible < cols) std::fill(s + visible, s + cols, kNegInf);
     const int64_t n = std::min(visible, cols);
+    const int64_t lo = std::clamp<int64_t>(key_begin(i) - j0, 0, n);  // left of the window
+    if (lo > 0) std::fill(s, s + lo, kNegInf);
     const int64_t base = b * sb + h * sh + i * si + j0 * sj;
     if (bool_mask != nullptr && tile == Tile::kMixed) {
       const bool* m = bool_mask + base;
       if (sj == 1) {
-        for (int64_t j = 0; j < n; ++j) s[j] = m[j] ? s[j] : kNegInf;
+        for (int64_t j = lo; j < n; ++j) s[j] = m[j] ? s[j] : kNegInf;
       } else {
-        for (int64_t j = 0; j < n; ++j) s[j] = m[j * sj] ? s[j] : kNegInf;
+        for (int64_t j = lo; j < n; ++j) s[j] = m[j * sj] ? s[j] : kNegInf;
       }
     } else if (add_mask != nullptr) {
       const scalar_t* m = add_mask + base;
       if (sj == 1) {
-        for (int64_t j = 0; j < n; ++j) s[j] += m[j];
+        for (int64_t j = lo; j < n; ++j) s[j] += m[j];
       } else {
-        for (int64_t j = 0; j < n; ++j) s[j] += m[j * sj];
+        for (int64_t j = lo; j < n; ++j) s[j] += m[j * sj];
       }
     }
   }

@@ -46,7 +46,7 @@ def check_flash(q, k, v, *, causal=False, bottom_right=True, tol_scale=1.0, drop
     if dropout_p > 0:  # the same Philox stream the kernel drew its seed for
         keep = kernel_keep_mask(state, (q.shape[0], q.shape[1], q.shape[2], k.shape[2]), dropout_p)
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    m64 = {n: (t.double() if t is not None and t.is_floating_point() else t) for n, t in masks.items()}
+    m64 = {n: (t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t) for n, t in masks.items()}
     out_e, lse_e = ref.flash_attention(q64, k64, v64, causal=causal, bottom_right=bottom_right,
                                        dropout_p=dropout_p, dropout_mask=keep, softcap=softcap, **m64)
     dt = q.dtype

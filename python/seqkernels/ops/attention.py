@@ -46,7 +46,7 @@ def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
 
 @torch.library.register_fake("seqkernels::flash_attention_forward")
 def _fwd_fake(q, k, v, causal, bottom_right, scale, attn_mask=None, key_lengths=None, dropout_p=0.0,
-              rng_state=None, softcap=0.0):
+              rng_state=None, softcap=0.0, window_left=-1, window_right=-1):
     B, H, Lq, _ = q.shape
     out = q.new_empty(B, H, Lq, v.shape[-1])
     lse = q.new_empty(B, H, Lq, dtype=_lse_dtype(q.dtype))
@@ -55,7 +55,7 @@ def _fwd_fake(q, k, v, causal, bottom_right, scale, attn_mask=None, key_lengths=
 
 @torch.library.register_fake("seqkernels::flash_attention_backward")
 def _bwd_fake(grad_out, grad_lse, q, k, v, out, lse, causal, bottom_right, scale, attn_mask=None,
-              key_lengths=None, dropout_p=0.0, rng_state=None, softcap=0.0):
+              key_lengths=None, dropout_p=0.0, rng_state=None, softcap=0.0, window_left=-1, window_right=-1):
     # the kernels return contiguous gradients whatever the inputs' strides
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
@@ -63,7 +63,7 @@ def _bwd_fake(grad_out, grad_lse, q, k, v, out, lse, causal, bottom_right, scale
 # --- autograd --------------------------------------------------------------------------------
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, causal, bottom_right, scale, attn_mask, key_lengths, dropout_p, rng_state, softcap = inputs
+    q, k, v, causal, bottom_right, scale, attn_mask, key_lengths, dropout_p, rng_state, softcap, wl, wr = inputs
     if attn_mask is not None and attn_mask.requires_grad:
         raise RuntimeError(
             "seqkernels::flash_attention_forward: the fused kernels do not compute a gradient for "
@@ -71,6 +71,7 @@ def _setup_context(ctx, inputs, output):
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, attn_mask, key_lengths, rng_state)
     ctx.causal, ctx.bottom_right, ctx.scale, ctx.dropout_p, ctx.softcap = causal, bottom_right, scale, dropout_p, softcap
+    ctx.window = (wl, wr)
 
 
 def _backward(ctx, grad_out, grad_lse):
@@ -78,8 +79,8 @@ def _backward(ctx, grad_out, grad_lse):
     if grad_out is None:
         grad_out = torch.zeros_like(out)
     dq, dk, dv = _bwd(grad_out, grad_lse, q, k, v, out, lse, ctx.causal, ctx.bottom_right, ctx.scale,
-                      attn_mask, key_lengths, ctx.dropout_p, rng_state, ctx.softcap)
-    return dq, dk, dv, None, None, None, None, None, None, None, None
+                      attn_mask, key_lengths, ctx.dropout_p, rng_state, ctx.softcap, *ctx.window)
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("seqkernels::flash_attention_forward", _backward, setup_context=_setup_context)
@@ -100,9 +101,9 @@ def _triton():
     return kernels
 
 
-def _use_triton(q, softcap: float = 0.0) -> bool:
-    # softcap is not in the Triton kernels yet: such calls run the exact materialized math
-    return q.dtype in _TRITON_DTYPES and softcap == 0.0
+def _use_triton(q, softcap: float = 0.0, window_left: int = -1, window_right: int = -1) -> bool:
+    # softcap and windows are not in the Triton kernels yet: such calls run the exact materialized math
+    return q.dtype in _TRITON_DTYPES and softcap == 0.0 and window_left == -1 and window_right == -1
 
 
 def _keep_mask(q, k, dropout_p, rng_state) -> Optional[Tensor]:
@@ -114,35 +115,35 @@ def _keep_mask(q, k, dropout_p, rng_state) -> Optional[Tensor]:
 
 
 def _materialized(q, k, v, causal, bottom_right, scale, attn_mask, key_lengths, dropout_p, rng_state,
-                  softcap=0.0):
+                  softcap=0.0, window_left=-1, window_right=-1):
     out, lse = _reference_flash_attention(
         q, k, v, causal=causal, scale=scale, bottom_right=bottom_right, attn_mask=attn_mask,
         key_lengths=key_lengths, dropout_p=dropout_p, dropout_mask=_keep_mask(q, k, dropout_p, rng_state),
-        softcap=softcap)
+        softcap=softcap, window=(window_left, window_right))
     return out, lse.to(_lse_dtype(q.dtype))
 
 
 @torch.library.impl("seqkernels::flash_attention_forward", "CUDA")
 def _fwd_cuda(q, k, v, causal, bottom_right, scale, attn_mask=None, key_lengths=None, dropout_p=0.0,
-              rng_state=None, softcap=0.0):
+              rng_state=None, softcap=0.0, window_left=-1, window_right=-1):
     check_key_lengths_range(key_lengths, k.shape[2], "flash_attention_forward")
-    if _use_triton(q, softcap):
+    if _use_triton(q, softcap, window_left, window_right):
         return _triton().forward(q, k, v, causal, bottom_right, scale, attn_mask, key_lengths, dropout_p, rng_state)
     return _materialized(q, k, v, causal, bottom_right, scale, attn_mask, key_lengths, dropout_p, rng_state,
-                         softcap)
+                         softcap, window_left, window_right)
 
 
 @torch.library.impl("seqkernels::flash_attention_backward", "CUDA")
 def _bwd_cuda(grad_out, grad_lse, q, k, v, out, lse, causal, bottom_right, scale, attn_mask=None,
-              key_lengths=None, dropout_p=0.0, rng_state=None, softcap=0.0):
+              key_lengths=None, dropout_p=0.0, rng_state=None, softcap=0.0, window_left=-1, window_right=-1):
     check_key_lengths_range(key_lengths, k.shape[2], "flash_attention_backward")
-    if _use_triton(q, softcap):
+    if _use_triton(q, softcap, window_left, window_right):
         return _triton().backward(grad_out, grad_lse, q, k, v, out, lse, causal, bottom_right, scale, attn_mask,
                                   key_lengths, dropout_p, rng_state)
     with torch.enable_grad():
         qw, kw, vw = (t.detach().requires_grad_() for t in (q, k, v))
         o, l = _materialized(qw, kw, vw, causal, bottom_right, scale, attn_mask, key_lengths, dropout_p,
-                             rng_state, softcap)
+                             rng_state, softcap, window_left, window_right)
         finite = torch.isfinite(l)
         outs, grads = [o], [grad_out]
         if grad_lse is not None:
@@ -225,6 +226,16 @@ def _check_mask_args(q: Tensor, k: Tensor, attn_mask, key_lengths, dropout_p, fn
         raise ArgumentError(f"{fn}: dropout_p must be a float in [0, 1], got {dropout_p!r}")
 
 
+def _check_window(window, fn: str) -> tuple[int, int]:
+    """(left, right) with each an int >= -1 (-1 = unbounded), flash-attn's window_size."""
+    ok = isinstance(window, (tuple, list)) and len(window) == 2 and all(
+        isinstance(w, int) and not isinstance(w, bool) and w >= -1 for w in window)
+    if not ok:
+        raise ArgumentError(f"{fn}: window must be a pair of ints (left, right), each >= -1 (-1 = unbounded), "
+                            f"got {window!r}")
+    return int(window[0]), int(window[1])
+
+
 def _is_symbolic(t: Tensor) -> bool:
     """True for tensors without values to read: under torch.compile, fake or meta tensors."""
     return torch.compiler.is_compiling() or t.device.type == "meta" or isinstance(t, torch._subclasses.FakeTensor)
@@ -248,7 +259,8 @@ def _new_rng_state() -> Tensor:
     return seed * torch.tensor([1, 0], dtype=torch.int64)
 
 
-def _attention(q, k, v, causal, bottom_right, scale, attn_mask, key_lengths, dropout_p, softcap=0.0):
+def _attention(q, k, v, causal, bottom_right, scale, attn_mask, key_lengths, dropout_p, softcap=0.0,
+               window=(-1, -1)):
     """Run the op on checked 4-D inputs; returns (out in q's dtype, lse)."""
     dtype = q.dtype
     if attn_mask is not None:
@@ -265,7 +277,8 @@ def _attention(q, k, v, causal, bottom_right, scale, attn_mask, key_lengths, dro
     drop_all = dropout_p >= 1.0
     p = 0.0 if drop_all else float(dropout_p)
     rng_state = _new_rng_state() if p > 0.0 else None
-    args = (q, k, v, bool(causal), bool(bottom_right), scale, attn_mask, key_lengths, p, rng_state, float(softcap))
+    args = (q, k, v, bool(causal), bool(bottom_right), scale, attn_mask, key_lengths, p, rng_state, float(softcap),
+            int(window[0]), int(window[1]))
     if not torch.compiler.is_compiling() and not (
             torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
         # nothing to differentiate (inference, decoding): skip the Python autograd layer of the
@@ -291,6 +304,7 @@ def flash_attention(
     key_lengths: Optional[Tensor] = None,
     dropout_p: float = 0.0,
     softcap: float = 0.0,
+    window: tuple[int, int] = (-1, -1),
 ):
     """Exact attention softmax(q k^T * scale + mask) v, computed tile by tile in O(n) memory.
 
@@ -320,6 +334,12 @@ def flash_attention(
             softcap * tanh(s / softcap) before any mask is added or applied (flash-attn's
             order); 0 (the default) turns it off. Differentiable. On the CPU kernels
             (forward, backward, decode); on a GPU it runs the exact materialized math for now.
+        window: a sliding window (left, right), flash-attn's ``window_size``: query i sees keys
+            j with i + off - left <= j <= i + off + right, off = Lk - Lq (bottom-right, as
+            ``causal``); -1 leaves that side unbounded. Combines with ``causal`` (which caps
+            the right side at 0) and every mask. Key tiles outside every row's window are
+            never visited, so the cost grows as O(Lq * window). CPU kernels; on a GPU the exact
+            materialized math for now.
 
     Returns:
         out (batch, heads, Lq, head_dim_v), or (out, lse). Differentiable in q, k, v (and
@@ -338,28 +358,29 @@ def flash_attention(
     if has_torch_function(tensors):  # a tensor subclass: its own __torch_function__ decides
         return handle_torch_function(flash_attention, tensors, q, k, v, causal, scale, return_lse,
                                      attn_mask=attn_mask, key_lengths=key_lengths, dropout_p=dropout_p,
-                                     softcap=softcap)
+                                     softcap=softcap, window=window)
     check_attention_inputs(q, k, v)
     _check_mask_args(q, k, attn_mask, key_lengths, dropout_p, "flash_attention")
     if not isinstance(softcap, (int, float)) or not math.isfinite(softcap) or softcap < 0:
         raise ArgumentError(f"flash_attention: softcap must be a finite number >= 0 (0 = off), got {softcap!r}")
+    window = _check_window(window, "flash_attention")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if functorch_wrapped(q, k, v, attn_mask):  # torch.func transforms: the same math, materialized
-        out, lse = _materialized_native(q, k, v, causal, scale, attn_mask, key_lengths, dropout_p, softcap)
+        out, lse = _materialized_native(q, k, v, causal, scale, attn_mask, key_lengths, dropout_p, softcap, window)
     else:
-        out, lse = _attention(q, k, v, causal, True, scale, attn_mask, key_lengths, dropout_p, softcap)
+        out, lse = _attention(q, k, v, causal, True, scale, attn_mask, key_lengths, dropout_p, softcap, window)
     return (out, lse) if return_lse else out
 
 
 script_unsupported(flash_attention, "seqkernels.flash_attention")
 
 
-def _materialized_native(q, k, v, causal, scale, attn_mask, key_lengths, dropout_p, softcap=0.0):
+def _materialized_native(q, k, v, causal, scale, attn_mask, key_lengths, dropout_p, softcap=0.0, window=(-1, -1)):
     """flash_attention's math with the full score matrix in plain PyTorch ops, for
     torch.func transforms (grad, vmap, jacrev, ...), which the custom ops do not support."""
     if attn_mask is not None and attn_mask.dtype != torch.bool:
         attn_mask = attn_mask.to(q.dtype)
     p = 0.0 if dropout_p >= 1.0 else float(dropout_p)
     out, lse = _materialized(q, k, v, causal, True, scale, attn_mask, key_lengths, p,
-                             _new_rng_state() if p > 0.0 else None, softcap)
+                             _new_rng_state() if p > 0.0 else None, softcap, *window)
     return (out * 0 if dropout_p >= 1.0 else out), lse

@@ -105,6 +105,7 @@ def flash_attention(
     dropout_p: float = 0.0,
     dropout_mask: Optional[Tensor] = None,
     softcap: float = 0.0,
+    window: tuple[int, int] = (-1, -1),
 ) -> tuple[Tensor, Tensor]:
     """The convention of :func:`seqkernels.flash_attention`, materialized.
 
@@ -115,7 +116,9 @@ def flash_attention(
     ``key_lengths`` (B,): keys j >= key_lengths[b] are masked. Dropout with probability
     ``dropout_p`` keeps the probabilities where ``dropout_mask`` (boolean, broadcast to
     (B, H, Lq, Lk)) is True, scaled by 1/(1-p); random when no mask is given. ``softcap`` > 0
-    maps every scaled score s to softcap * tanh(s / softcap) before the masks.
+    maps every scaled score s to softcap * tanh(s / softcap) before the masks. ``window``
+    (left, right): query i sees keys i + off - left <= j <= i + off + right, off aligned as
+    the causal mask (Lk - Lq bottom-right, 0 top-left); -1 = unbounded.
 
     Returns (out (B, H, Lq, Dv), lse (B, H, Lq)) where lse is the log-sum-exp of each row of
     scaled, masked scores before dropout (-inf for a row that sees no key, whose output is
@@ -130,6 +133,17 @@ def flash_attention(
     if causal:
         mask = causal_mask(Lq, Lk, bottom_right=bottom_right, device=q.device)
         scores = scores.masked_fill(~mask, float("-inf"))
+    left, right = window
+    if left >= 0 or right >= 0:
+        off = Lk - Lq if bottom_right else 0
+        i = torch.arange(Lq, device=q.device)[:, None] + off
+        j = torch.arange(Lk, device=q.device)[None, :]
+        inside = torch.ones(Lq, Lk, dtype=torch.bool, device=q.device)
+        if left >= 0:
+            inside &= j >= i - left
+        if right >= 0:
+            inside &= j <= i + right
+        scores = scores.masked_fill(~inside, float("-inf"))
     if key_lengths is not None:
         pad = torch.arange(Lk, device=q.device) >= key_lengths.reshape(-1, 1, 1, 1)
         scores = scores.masked_fill(pad, float("-inf"))
