@@ -34,20 +34,23 @@ def test_softcap_matches_reference(B, H, Hk, Lq, Lk, D, causal, dtype):
     check_flash(q, k, v, causal=causal, softcap=1.7)
 
 
+def option_inputs(kind: str, B: int, H: int, Lq: int, Lk: int) -> dict:
+    """flash_attention keywords for one of the other features to combine with: a boolean or
+    float mask, key lengths (the second sequence shorter), dropout, softcap."""
+    g = torch.Generator().manual_seed(3)
+    if kind == "bool":
+        return dict(attn_mask=torch.rand(B, 1, Lq, Lk, generator=g) > 0.3)
+    if kind == "float":
+        return dict(attn_mask=torch.randn(1, H, Lq, Lk, generator=g, dtype=torch.float64))
+    if kind == "lengths":
+        return dict(key_lengths=torch.tensor([Lk, Lk // 2 - 5]))
+    return dict(dropout_p=0.3) if kind == "dropout" else dict(softcap=1.2)
+
+
 @pytest.mark.parametrize("kind", ["bool", "float", "lengths", "dropout"])
 def test_softcap_with_masks_and_dropout(kind):
     q, k, v = _big(*make(2, 4, 2, 45, 131, 16, dtype=torch.float64))
-    g = torch.Generator().manual_seed(3)
-    extra = {}
-    if kind == "bool":
-        extra["attn_mask"] = torch.rand(2, 1, 45, 131, generator=g) > 0.3
-    elif kind == "float":
-        extra["attn_mask"] = torch.randn(1, 4, 45, 131, generator=g, dtype=torch.float64)
-    elif kind == "lengths":
-        extra["key_lengths"] = torch.tensor([131, 60])
-    else:
-        extra["dropout_p"] = 0.3
-    check_flash(q, k, v, causal=True, softcap=0.9, **extra)
+    check_flash(q, k, v, causal=True, softcap=0.9, **option_inputs(kind, 2, 4, 45, 131))
 
 
 def test_softcap_gradcheck():
@@ -77,17 +80,22 @@ def test_softcap_nan_propagates():
     assert out[0, 1, 4].isnan().all() and not out[0, :, :4].isnan().any() and not out[0, 0].isnan().any()
 
 
-@pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf"), "2"])
-def test_softcap_bad_values(bad):
+@pytest.mark.parametrize("kwargs", [dict(softcap=-1.0), dict(softcap=float("nan")), dict(softcap=float("inf")),
+                                    dict(softcap="2"), dict(window=(-2, 0)), dict(window=(1,)),
+                                    dict(window=(1, 2, 3)), dict(window=(1.0, 2)), dict(window="ab"),
+                                    dict(window=(True, 0))])
+def test_softcap_and_window_bad_values(kwargs):
     q, k, v = make(1, 1, 1, 4, 4, 8)
-    with pytest.raises(ArgumentError, match="softcap"):
-        seqkernels.flash_attention(q, k, v, softcap=bad)
+    with pytest.raises(ArgumentError, match=next(iter(kwargs))):
+        seqkernels.flash_attention(q, k, v, **kwargs)
 
 
-def test_softcap_direct_op_checks_in_cpp():
+@pytest.mark.parametrize("tail, match", [((-2.0,), "softcap must be a finite number"),
+                                         ((0.0, -3, 0), "window sizes must be >= -1")])
+def test_softcap_and_window_direct_op_checks_in_cpp(tail, match):
     q, k, v = (t.detach() for t in make(1, 1, 1, 4, 4, 8, dtype=torch.float32))
-    with pytest.raises(RuntimeError, match="softcap must be a finite number"):
-        OPS.flash_attention_forward(q, k, v, False, True, 0.3, None, None, 0.0, None, -2.0)
+    with pytest.raises(RuntimeError, match=match):
+        OPS.flash_attention_forward(q, k, v, False, True, 0.3, None, None, 0.0, None, *tail)
 
 
 def test_softcap_opcheck_and_compile():
