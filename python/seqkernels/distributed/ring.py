@@ -239,16 +239,9 @@ def _gather_blocks(rank: int, P: int, causal: bool, layout: str, L: int):
     return [(slice(0, c), (rank + 1) * c, True), (slice(c, None), (2 * P - rank) * c, True)]
 
 
-def _all_gather_seq(x: Tensor, group, P: int, layout: str) -> Tensor:
-    dist = _dist()
-    parts = [torch.empty_like(x) for _ in range(P)]
-    dist.all_gather(parts, x.contiguous(), group=group)
-    return _in_sequence_order(parts, 2, P, layout)
-
-
 def _gather_forward(q, k, v, group, causal, scale, layout):
     rank, P = _group_rank_size(group)
-    K, V = _all_gather_seq(k, group, P, layout), _all_gather_seq(v, group, P, layout)
+    K, V = unshard_sequence(k, 2, layout, group), unshard_sequence(v, 2, layout, group)
     outs, lses = [], []
     for rows, n, c in _gather_blocks(rank, P, causal, layout, q.shape[2]):
         o, l = flash_attention(q[:, :, rows], K[:, :, :n], V[:, :, :n], causal=c, scale=scale, return_lse=True)
