@@ -57,7 +57,8 @@ TORCH_LIBRARY(seqkernels, m) {
   // fp64). Inference only (no autograd).
   m.def(
       "flash_attention_kvcache(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor? k, Tensor? v, "
-      "Tensor cache_seqlens, Tensor? block_table, bool causal, float scale) -> (Tensor, Tensor)");
+      "Tensor cache_seqlens, Tensor? block_table, bool causal, float scale, float softcap=0., "
+      "int window_left=-1, int window_right=-1) -> (Tensor, Tensor)");
 
   // Recurrent layers (csrc/rnn/): one direction of one layer over a whole sequence.
   // x (T, B, I), h0 (B, P), c0 (B, H), w_ih (G*H, I), w_hh (G*H, P), bias = b_ih + b_hh

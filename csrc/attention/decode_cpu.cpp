@@ -296,7 +296,7 @@ void decode_forward(const DecodeDims& d, const Masking<A>& mk, const KVRows<T>& 
       int64_t row_end_max = 0;
       for (int64_t i = 0; i < d.Lq; ++i) row_end_max = std::max(row_end_max, mk.key_end(b, i));
       // keys before every row's window are never read (the chunks still split all of Lk)
-      const int64_t j_lo = std::max(chunk * chunk_len, mk.key_begin(0));
+      const int64_t j_lo = std::max(chunk * chunk_len, mk.key_begin(b, 0));
       const int64_t j_hi = std::min(row_end_max, chunk * chunk_len + chunk_len);
       for (int64_t j0 = j_lo; j0 < j_hi; j0 += kDecodeBlock) {
         const int64_t n = std::min(kDecodeBlock, j_hi - j0);

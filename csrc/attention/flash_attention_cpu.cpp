@@ -198,7 +198,7 @@ void forward_kernel(const Dims& d, const attention::Masking<scalar_t>& mk, const
       const int64_t kend = mk.key_end(b, i0 + rows - 1);  // keys past it are masked for every row
       // keys before the window of the block's first row are hidden for every row; tiles stay
       // aligned to multiples of kFwdK
-      for (int64_t j0 = mk.key_begin(i0) / kFwdK * kFwdK; j0 < kend; j0 += kFwdK) {
+      for (int64_t j0 = mk.key_begin(b, i0) / kFwdK * kFwdK; j0 < kend; j0 += kFwdK) {
         int64_t cols = std::min(kFwdK, kend - j0);
         const auto tile = mk.tile_state(b, h, i0, rows, j0, cols);
         if (tile == attention::Masking<scalar_t>::Tile::kHidden) continue;

@@ -94,8 +94,12 @@ CacheLayout check_kvcache_args(const at::Tensor& q, const at::Tensor& k_cache, c
 std::tuple<at::Tensor, at::Tensor> flash_attention_kvcache_cpu(
     const at::Tensor& q_, const at::Tensor& k_cache, const at::Tensor& v_cache, const std::optional<at::Tensor>& k_,
     const std::optional<at::Tensor>& v_, const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& block_table,
-    bool causal, double scale) {
+    bool causal, double scale, double softcap, int64_t window_left, int64_t window_right) {
   const CacheLayout L = check_kvcache_args(q_, k_cache, v_cache, k_, v_, cache_seqlens, block_table);
+  TORCH_CHECK_VALUE(std::isfinite(softcap) && softcap >= 0.0, kOp, ": softcap must be a finite number >= 0, got ",
+                    softcap);
+  TORCH_CHECK_VALUE(window_left >= -1 && window_right >= -1, kOp, ": window sizes must be >= -1 (-1 = unbounded), got (",
+                    window_left, ", ", window_right, ")");
   // The values: every write must land inside the cache, every block id used must exist.
   const at::Tensor seqlens = cache_seqlens.to(at::kLong).contiguous();
   const int64_t* sl = seqlens.const_data_ptr<int64_t>();
@@ -155,8 +159,10 @@ std::tuple<at::Tensor, at::Tensor> flash_attention_kvcache_cpu(
     attention::Masking<A> mk;
     mk.H = L.H, mk.Lq = L.Lq, mk.Lk = L.capacity;
     mk.causal = causal;
-    mk.causal_from_length = true;
+    mk.causal_from_length = true;  // causal and the window on each sequence's own length
     mk.key_lengths = lens.data();
+    mk.softcap = static_cast<A>(softcap);
+    mk.window_left = window_left, mk.window_right = window_right;
     int64_t longest = 0;
     for (int64_t b = 0; b < L.B; ++b) longest = std::max(longest, lens[b]);
     const attention::DecodeDims dd{L.B, L.H, L.Hk, L.H / L.Hk, L.Lq, L.D, L.Dv, std::max<int64_t>(longest, 1)};

@@ -106,8 +106,9 @@ struct Masking {
   const scalar_t* add_mask = nullptr;
   int64_t sb = 0, sh = 0, si = 0, sj = 0;
   // Sliding window (flash-attn's window_size): query i sees keys j with
-  // i + window_offset - window_left <= j <= i + window_offset + window_right; -1 = unbounded
-  // on that side. window_offset follows the causal alignment (Lk - Lq bottom-right, 0 top-left).
+  // i + off - window_left <= j <= i + off + window_right; -1 = unbounded on that side. off
+  // follows the causal alignment: window_offset (Lk - Lq bottom-right, 0 top-left), or with
+  // causal_from_length each sequence's own key_limit(b) - Lq.
   int64_t window_left = -1, window_right = -1, window_offset = 0;
   // Logit softcapping: softcap > 0 maps a scaled score s to softcap * tanh(s / softcap),
   // before any mask is added or applied (flash-attn's order); 0 = off.
@@ -150,12 +151,13 @@ struct Masking {
       const int64_t offset = causal_from_length ? lim - Lq : causal_offset;
       end = std::clamp<int64_t>(i + offset + 1, 0, lim);
     }
-    if (window_right >= 0) end = std::min(end, std::clamp<int64_t>(i + window_offset + window_right + 1, 0, lim));
+    if (window_right >= 0) end = std::min(end, std::clamp<int64_t>(i + win_offset(b) + window_right + 1, 0, lim));
     return end;
   }
-  // The first key query row i may see (the window's left edge; 0 without one).
-  int64_t key_begin(int64_t i) const {
-    return window_left >= 0 ? std::clamp<int64_t>(i + window_offset - window_left, 0, Lk) : 0;
+  int64_t win_offset(int64_t b) const { return causal_from_length ? key_limit(b) - Lq : window_offset; }
+  // The first key query row i of batch b may see (the window's left edge; 0 without one).
+  int64_t key_begin(int64_t b, int64_t i) const {
+    return window_left >= 0 ? std::clamp<int64_t>(i + win_offset(b) - window_left, 0, Lk) : 0;
   }
   // The first query row that sees key j under the causal mask and the window's right edge.
   int64_t first_query(int64_t j) const {
@@ -227,7 +229,7 @@ struct Masking {
     const int64_t visible = std::max<int64_t>(key_end(b, i) - j0, 0);
     if (visible < cols) std::fill(s + visible, s + cols, kNegInf);
     const int64_t n = std::min(visible, cols);
-    const int64_t lo = std::clamp<int64_t>(key_begin(i) - j0, 0, n);  // left of the window
+    const int64_t lo = std::clamp<int64_t>(key_begin(b, i) - j0, 0, n);  // left of the window
     if (lo > 0) std::fill(s, s + lo, kNegInf);
     const int64_t base = b * sb + h * sh + i * si + j0 * sj;
     if (bool_mask != nullptr && tile == Tile::kMixed) {

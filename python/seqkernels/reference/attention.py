@@ -171,6 +171,8 @@ def kvcache_attention(
     block_table: Optional[Tensor] = None,
     causal: bool = True,
     scale: Optional[float] = None,
+    softcap: float = 0.0,
+    window: tuple[int, int] = (-1, -1),
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The semantics of :func:`seqkernels.flash_attention_with_kvcache`, without writing in
     place: returns (out, lse, new k_cache, new v_cache), one sequence at a time.
@@ -210,7 +212,8 @@ def kvcache_attention(
             outs.append(q.new_zeros(1, H, Lq, v_cache.shape[-1]))
             lses.append(torch.full((1, H, Lq), float("-inf"), dtype=q.dtype))
             continue
-        o, lse = flash_attention(q[b:b + 1], kb.to(q.dtype), vb.to(q.dtype), causal=causal, scale=scale)
+        o, lse = flash_attention(q[b:b + 1], kb.to(q.dtype), vb.to(q.dtype), causal=causal, scale=scale,
+                                 softcap=softcap, window=window)
         outs.append(o)
         lses.append(lse)
     return torch.cat(outs), torch.cat(lses), k_cache, v_cache
