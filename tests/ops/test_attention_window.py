@@ -67,11 +67,11 @@ def test_window_opcheck_and_compile():
 
 def test_window_skips_tiles():
     """A window of 256 at L = 8192 costs a fraction of full causal attention (O(L w), not
-    O(L^2)): the windowed forward is at least 4x faster (about 16x less work)."""
+    O(L^2)): the windowed forward is at least 3x faster (about 8x fewer tiles; measured 6.5x)."""
     q, k, v = (t.detach() for t in make(1, 2, 2, 8192, 8192, 64, dtype=torch.float32))
     with torch.no_grad():
         t = measure_times_interleaved({"full": lambda: seqkernels.flash_attention(q, k, v, causal=True),
                                        "window": lambda: seqkernels.flash_attention(q, k, v, causal=True,
                                                                                     window=(256, 0))},
                                       warmup=1, repeat=3)
-    assert t["full"].median_s > 4 * t["window"].median_s, {n: x.median_ms for n, x in t.items()}
+    assert t["full"].median_s > 3 * t["window"].median_s, {n: x.median_ms for n, x in t.items()}
