@@ -318,8 +318,7 @@ def ring_flash_attention(q: Tensor, k: Tensor, v: Tensor, group=None, causal: bo
     float16; partial results merge in float32 (float64 for float64 inputs).
     """
     check_attention_inputs(q, k, v, fn=_FN)
-    if layout not in LAYOUTS:
-        raise ArgumentError(f"{_FN}: layout must be one of {LAYOUTS}, got {layout!r}")
+    _check_layout(layout, _FN)
     if method not in METHODS:
         raise ArgumentError(f"{_FN}: method must be one of {METHODS}, got {method!r}")
     dist = _dist()

@@ -52,7 +52,8 @@ import torch
 from torch import Tensor
 
 from ..errors import ArgumentError
-from ..ops.attention import MAX_HEAD_DIM, flash_attention
+from ..reference.attention import causal_mask
+from ..ops.attention import MAX_HEAD_DIM, _materialized, _new_rng_state, flash_attention
 from ..ops.sdpa import scaled_dot_product_attention
 
 DEFAULT_NAME = "seqkernels"
@@ -246,8 +247,7 @@ def _with_position_bias(bias: Tensor, mask: Optional[Tensor], causal: bool, q_le
     bias = bias[..., :kv_len]
     hidden_value = torch.finfo(dtype).min
     if mask is None and causal:
-        i, j = _positions(q_len, kv_len, True, bias.device)
-        mask = (j <= i)[None, None]
+        mask = causal_mask(q_len, kv_len, device=bias.device)[None, None]
     if mask is None:
         return bias.to(dtype)
     if mask.dtype == torch.bool:
@@ -256,22 +256,15 @@ def _with_position_bias(bias: Tensor, mask: Optional[Tensor], causal: bool, q_le
 
 
 def _softcap_math(query, key, value, mask, dropout, scaling, causal, softcap) -> Tensor:
-    """Exact attention with tanh logit softcapping (Gemma 2), materialized in the inputs'
-    dtype: softmax(softcap * tanh(q k^T * scale / softcap) + mask) v."""
-    groups = query.shape[1] // key.shape[1]
-    if groups > 1:
-        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    """Exact attention with tanh logit softcapping for the calls the kernels do not take: the
+    same materialized math the op bodies run off the kernels (seqkernels.reference, the
+    kernels' Philox dropout; top-left causal), half inputs computed in float32."""
+    dtype = query.dtype
+    if dtype in (torch.float16, torch.bfloat16):
+        query, key, value = query.float(), key.float(), value.float()
+        mask = mask.float() if mask is not None and mask.dtype != torch.bool else mask
     scale = 1.0 / math.sqrt(query.shape[-1]) if scaling is None else float(scaling)
-    scores = torch.tanh((query @ key.transpose(-2, -1)) * (scale / softcap)) * softcap
-    if causal:
-        i, j = _positions(query.shape[2], key.shape[2], True, query.device)
-        scores = scores.masked_fill(j > i, float("-inf"))
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-    scores = scores.to(torch.promote_types(scores.dtype, torch.float32))
-    probs = torch.softmax(scores, dim=-1)
-    # a row that sees no key gives zeros (as the kernels do), NaN inputs stay NaN
-    probs = torch.where(scores.amax(dim=-1, keepdim=True) == float("-inf"), 0.0, probs).to(query.dtype)
-    if dropout > 0.0:
-        probs = torch.nn.functional.dropout(probs, p=dropout)
-    return probs @ value
+    p = 0.0 if dropout >= 1.0 else float(dropout)  # every probability dropped: zeros, as flash_attention gives
+    out, _ = _materialized(query, key, value, causal, False, scale, mask, None, p,
+                           _new_rng_state() if p > 0.0 else None, softcap)
+    return (out * 0 if dropout >= 1.0 else out).to(dtype)

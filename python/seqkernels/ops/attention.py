@@ -226,6 +226,13 @@ def _check_mask_args(q: Tensor, k: Tensor, attn_mask, key_lengths, dropout_p, fn
         raise ArgumentError(f"{fn}: dropout_p must be a float in [0, 1], got {dropout_p!r}")
 
 
+def _check_softcap(softcap, fn: str) -> float:
+    """A finite number >= 0 (0 = off)."""
+    if not isinstance(softcap, (int, float)) or not math.isfinite(softcap) or softcap < 0:
+        raise ArgumentError(f"{fn}: softcap must be a finite number >= 0 (0 = off), got {softcap!r}")
+    return float(softcap)
+
+
 def _check_window(window, fn: str) -> tuple[int, int]:
     """(left, right) with each an int >= -1 (-1 = unbounded), flash-attn's window_size."""
     ok = isinstance(window, (tuple, list)) and len(window) == 2 and all(
@@ -361,8 +368,7 @@ def flash_attention(
                                      softcap=softcap, window=window)
     check_attention_inputs(q, k, v)
     _check_mask_args(q, k, attn_mask, key_lengths, dropout_p, "flash_attention")
-    if not isinstance(softcap, (int, float)) or not math.isfinite(softcap) or softcap < 0:
-        raise ArgumentError(f"flash_attention: softcap must be a finite number >= 0 (0 = off), got {softcap!r}")
+    softcap = _check_softcap(softcap, "flash_attention")
     window = _check_window(window, "flash_attention")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if functorch_wrapped(q, k, v, attn_mask):  # torch.func transforms: the same math, materialized

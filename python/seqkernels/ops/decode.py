@@ -18,7 +18,7 @@ from .. import _C  # noqa: F401  (registers the schema and the CPU kernel)
 from ..errors import ArgumentError, ArgumentTypeError
 from ..reference.attention import kvcache_attention as _reference_kvcache
 from ._common import script_unsupported
-from .attention import _check_window
+from .attention import _check_softcap, _check_window
 
 _op = torch.ops.seqkernels.flash_attention_kvcache
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -198,10 +198,8 @@ def flash_attention_with_kvcache(
     """
     cache_seqlens, block_table = _check(q, k_cache, v_cache, k, v, cache_seqlens, block_table)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    if not isinstance(softcap, (int, float)) or not math.isfinite(softcap) or softcap < 0:
-        raise ArgumentError(f"{_FN}: softcap must be a finite number >= 0 (0 = off), got {softcap!r}")
-    window = _check_window(window, _FN)
-    out, lse = _op(q, k_cache, v_cache, k, v, cache_seqlens, block_table, bool(causal), scale, float(softcap), *window)
+    softcap, window = _check_softcap(softcap, _FN), _check_window(window, _FN)
+    out, lse = _op(q, k_cache, v_cache, k, v, cache_seqlens, block_table, bool(causal), scale, softcap, *window)
     return (out, lse) if return_lse else out
 
 

@@ -22,6 +22,7 @@ import time
 import torch
 
 from .memory import _CHILD_ENV
+from .timing import measure_time
 
 
 def _inputs(rank, P, B, H, Hk, L, D, layout, dtype=torch.float32):
@@ -104,13 +105,7 @@ def _single_time(shape, causal, threads, repeat):
     try:
         tensors, go = _inputs(0, 0, *shape, "contiguous")
         run = _fwd_bwd(lambda q, k, v: seqkernels.flash_attention(q, k, v, causal=causal), tensors, go)
-        run()
-        times = []
-        for _ in range(repeat):
-            t0 = time.perf_counter()
-            run()
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times)
+        return measure_time(run, warmup=1, repeat=repeat).median_s
     finally:
         torch.set_num_threads(old)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from .decode import read_bandwidth
 from .timing import measure_time, measure_times_interleaved
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -65,11 +66,6 @@ def matmul_roof(dtype: torch.dtype, n: int = 2048) -> float:
     a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
     t = measure_time(lambda: a @ b, warmup=2, repeat=5)
     return 2.0 * n ** 3 / t.median_s
-
-
-def read_bandwidth(nbytes: int = 1 << 30) -> float:
-    x = torch.ones(nbytes // 4)
-    return x.numel() * 4 / measure_time(lambda: x.sum(), warmup=2, repeat=5).median_s
 
 
 def _impl_fn(model, impl, body):
@@ -143,7 +139,7 @@ def _decode_fns(model, p, ids, impls):
 def run_transformers(quick: bool, repeat: int = 5, progress=None) -> tuple[list[dict], dict]:
     """Rows of times, tokens/s and ratios, and the limits measured alongside."""
     cases = grid(quick)
-    limits = {"read_GBps_1GiB": read_bandwidth((64 << 20) if quick else (1 << 30)) / 1e9}
+    limits = {"read_GBps_1GiB": read_bandwidth((64 << 20) if quick else (1 << 30), repeat=5) / 1e9}
     rows = []
     for dt in dict.fromkeys(c["dtype"] for c in cases):
         dtype = DTYPES[dt]
