@@ -38,15 +38,17 @@ TORCH_LIBRARY(seqkernels, m) {
   // them (csrc/attention/masking.h), so the backward must get the same values. softcap > 0:
   // scores s -> softcap * tanh(s / softcap) before every mask (Gemma 2's logit capping).
   // window_left / window_right >= 0: flash-attn's sliding window, aligned as the causal mask.
+  // alibi_slopes float32 (H,) or (B, H): score += -slope * |i + off - j| (ALiBi, after the cap).
   m.def(
       "flash_attention_forward(Tensor q, Tensor k, Tensor v, bool causal, bool bottom_right, "
       "float scale, Tensor? attn_mask=None, Tensor? key_lengths=None, float dropout_p=0., "
-      "Tensor? rng_state=None, float softcap=0., int window_left=-1, int window_right=-1) -> (Tensor, Tensor)");
+      "Tensor? rng_state=None, float softcap=0., int window_left=-1, int window_right=-1, "
+      "Tensor? alibi_slopes=None) -> (Tensor, Tensor)");
   m.def(
       "flash_attention_backward(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, "
       "Tensor out, Tensor lse, bool causal, bool bottom_right, float scale, Tensor? attn_mask=None, "
       "Tensor? key_lengths=None, float dropout_p=0., Tensor? rng_state=None, float softcap=0., "
-      "int window_left=-1, int window_right=-1) -> (Tensor, Tensor, Tensor)");
+      "int window_left=-1, int window_right=-1, Tensor? alibi_slopes=None) -> (Tensor, Tensor, Tensor)");
 
   // Attention against a KV cache (csrc/attention/kvcache_cpu.cpp, kernels/decode.py): the
   // new k/v (B, Hk, Lnew, D) or None are written in place into k_cache / v_cache at
@@ -58,7 +60,7 @@ TORCH_LIBRARY(seqkernels, m) {
   m.def(
       "flash_attention_kvcache(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor? k, Tensor? v, "
       "Tensor cache_seqlens, Tensor? block_table, bool causal, float scale, float softcap=0., "
-      "int window_left=-1, int window_right=-1) -> (Tensor, Tensor)");
+      "int window_left=-1, int window_right=-1, Tensor? alibi_slopes=None) -> (Tensor, Tensor)");
 
   // Recurrent layers (csrc/rnn/): one direction of one layer over a whole sequence.
   // x (T, B, I), h0 (B, P), c0 (B, H), w_ih (G*H, I), w_hh (G*H, P), bias = b_ih + b_hh

@@ -75,7 +75,7 @@ Dims make_dims(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
 // The optional inputs of both ops, checked (the Python API checks them first with friendlier
 // messages) and turned into a Masking. The tensors it points into must outlive it.
 struct MaskInputs {
-  at::Tensor mask, key_lengths;
+  at::Tensor mask, key_lengths, alibi;
 };
 
 template <typename scalar_t>
@@ -110,6 +110,7 @@ attention::Masking<scalar_t> make_masking(const Dims& d, bool causal, bool botto
   m.window_left = window_left;
   m.window_right = window_right;
   m.window_offset = m.causal_offset;
+  attention::set_alibi(m, in.alibi);
   if (dropout_p > 0.0) {
     TORCH_CHECK(rng_state.has_value() && rng_state->defined() && rng_state->numel() == 2 &&
                     rng_state->scalar_type() == at::kLong && rng_state->device().is_cpu(),
@@ -125,8 +126,10 @@ attention::Masking<scalar_t> make_masking(const Dims& d, bool causal, bool botto
 
 MaskInputs check_mask_inputs(const Dims& d, const at::Tensor& q,
                              const std::optional<at::Tensor>& attn_mask,
-                             const std::optional<at::Tensor>& key_lengths) {
+                             const std::optional<at::Tensor>& key_lengths,
+                             const std::optional<at::Tensor>& alibi_slopes) {
   MaskInputs in;
+  in.alibi = attention::checked_alibi_slopes(alibi_slopes, d.B, d.H, q, "flash_attention");
   if (attn_mask.has_value() && attn_mask->defined()) {
     const at::Tensor& a = *attn_mask;
     TORCH_CHECK(a.dim() == 4, "flash_attention: attn_mask must be 4-D, got ", a.dim(), " dims");
@@ -268,11 +271,12 @@ std::tuple<at::Tensor, at::Tensor> flash_attention_forward_cpu(
     const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, bool causal,
     bool bottom_right, double scale, const std::optional<at::Tensor>& attn_mask,
     const std::optional<at::Tensor>& key_lengths, double dropout_p,
-    const std::optional<at::Tensor>& rng_state, double softcap, int64_t window_left, int64_t window_right) {
+    const std::optional<at::Tensor>& rng_state, double softcap, int64_t window_left, int64_t window_right,
+    const std::optional<at::Tensor>& alibi_slopes) {
   check_inputs(q_, k_, v_);
   const at::Tensor q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous();
   const Dims d = make_dims(q, k, v);
-  const MaskInputs mask_in = check_mask_inputs(d, q, attn_mask, key_lengths);
+  const MaskInputs mask_in = check_mask_inputs(d, q, attn_mask, key_lengths, alibi_slopes);
   at::Tensor out = new_output({d.B, d.H, d.Lq, d.Dv}, q.options());
   at::Tensor lse = new_output({d.B, d.H, d.Lq}, q.options());
   // Few query rows per K/V head (decoding): the bandwidth-bound decode kernel (decode.h).
@@ -408,7 +412,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_backward_cpu(
     const at::Tensor& lse_, bool causal, bool bottom_right, double scale,
     const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_lengths,
     double dropout_p, const std::optional<at::Tensor>& rng_state, double softcap, int64_t window_left,
-    int64_t window_right) {
+    int64_t window_right, const std::optional<at::Tensor>& alibi_slopes) {
   check_inputs(q_, k_, v_);
   const at::Tensor q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous();
   const Dims d = make_dims(q, k, v);
@@ -430,7 +434,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_backward_cpu(
   }
   const at::Tensor dout = grad_out_.contiguous();
   const at::Tensor lse = lse_.contiguous().to(q.scalar_type());
-  const MaskInputs mask_in = check_mask_inputs(d, q, attn_mask, key_lengths);
+  const MaskInputs mask_in = check_mask_inputs(d, q, attn_mask, key_lengths, alibi_slopes);
 
   // delta_i = rowsum(dO_i * O_i) - dlse_i: one O(n d) pass, then O(n) memory.
   at::Tensor delta = (dout * out_).sum(-1);

@@ -94,8 +94,10 @@ CacheLayout check_kvcache_args(const at::Tensor& q, const at::Tensor& k_cache, c
 std::tuple<at::Tensor, at::Tensor> flash_attention_kvcache_cpu(
     const at::Tensor& q_, const at::Tensor& k_cache, const at::Tensor& v_cache, const std::optional<at::Tensor>& k_,
     const std::optional<at::Tensor>& v_, const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& block_table,
-    bool causal, double scale, double softcap, int64_t window_left, int64_t window_right) {
+    bool causal, double scale, double softcap, int64_t window_left, int64_t window_right,
+    const std::optional<at::Tensor>& alibi_slopes) {
   const CacheLayout L = check_kvcache_args(q_, k_cache, v_cache, k_, v_, cache_seqlens, block_table);
+  const at::Tensor alibi = attention::checked_alibi_slopes(alibi_slopes, L.B, L.H, q_, kOp);
   TORCH_CHECK_VALUE(std::isfinite(softcap) && softcap >= 0.0, kOp, ": softcap must be a finite number >= 0, got ",
                     softcap);
   TORCH_CHECK_VALUE(window_left >= -1 && window_right >= -1, kOp, ": window sizes must be >= -1 (-1 = unbounded), got (",
@@ -163,6 +165,7 @@ std::tuple<at::Tensor, at::Tensor> flash_attention_kvcache_cpu(
     mk.key_lengths = lens.data();
     mk.softcap = static_cast<A>(softcap);
     mk.window_left = window_left, mk.window_right = window_right;
+    attention::set_alibi(mk, alibi);
     int64_t longest = 0;
     for (int64_t b = 0; b < L.B; ++b) longest = std::max(longest, lens[b]);
     const attention::DecodeDims dd{L.B, L.H, L.Hk, L.H / L.Hk, L.Lq, L.D, L.Dv, std::max<int64_t>(longest, 1)};

@@ -22,6 +22,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <type_traits>
 
 namespace seqkernels {
@@ -113,6 +114,12 @@ struct Masking {
   // Logit softcapping: softcap > 0 maps a scaled score s to softcap * tanh(s / softcap),
   // before any mask is added or applied (flash-attn's order); 0 = off.
   scalar_t softcap = 0;
+  // ALiBi (Press et al., "Train short, test long", 2022), flash-attn's convention: score +=
+  // -slope(b, h) * |i + off - j|, off the window's alignment, added after the cap. Slopes
+  // are float32, (H,) or (B, H): slope(b, h) = alibi[b * alibi_sb + h] (alibi_sb 0 or H).
+  // Null = off.
+  const float* alibi = nullptr;
+  int64_t alibi_sb = 0;
   // Dropout: 0 <= p < 1; kept probabilities are scaled by 1 / (1 - p).
   double dropout_p = 0.0;
   uint32_t threshold = 0;
@@ -247,6 +254,11 @@ struct Masking {
         for (int64_t j = lo; j < n; ++j) s[j] += m[j * sj];
       }
     }
+    if (alibi != nullptr) {  // -slope * |position of the query - position of the key|
+      const scalar_t slope = static_cast<scalar_t>(alibi[b * alibi_sb + h]);
+      const scalar_t pos = static_cast<scalar_t>(i + win_offset(b) - j0);
+      for (int64_t j = lo; j < n; ++j) s[j] -= slope * std::abs(pos - static_cast<scalar_t>(j));
+    }
   }
 
   // The dropout multipliers of row i, keys [j0, j0 + cols): 0 (dropped) or 1 / (1 - p).
@@ -263,6 +275,26 @@ struct Masking {
     }
   }
 };
+
+// alibi_slopes as an op received it, checked: float32, (H,) or (B, H), on like's device.
+// Returns the contiguous tensor the Masking points into (undefined when absent).
+inline at::Tensor checked_alibi_slopes(const std::optional<at::Tensor>& slopes, int64_t B, int64_t H,
+                                       const at::Tensor& like, const char* op) {
+  if (!slopes.has_value() || !slopes->defined()) return {};
+  const at::Tensor& a = *slopes;
+  TORCH_CHECK(a.scalar_type() == at::kFloat, op, ": alibi_slopes must be float32, got ", a.scalar_type());
+  TORCH_CHECK((a.dim() == 1 && a.size(0) == H) || (a.dim() == 2 && a.size(0) == B && a.size(1) == H), op,
+              ": alibi_slopes must have shape (H,) = (", H, ",) or (B, H) = (", B, ", ", H, "), got ", a.sizes());
+  TORCH_CHECK(a.device() == like.device(), op, ": alibi_slopes must be on ", like.device(), ", got ", a.device());
+  return a.contiguous();
+}
+
+template <typename scalar_t>
+void set_alibi(Masking<scalar_t>& m, const at::Tensor& slopes) {
+  if (!slopes.defined()) return;
+  m.alibi = slopes.const_data_ptr<float>();
+  m.alibi_sb = slopes.dim() == 2 ? slopes.size(1) : 0;
+}
 
 }  // namespace attention
 }  // namespace seqkernels

@@ -70,8 +70,8 @@ def triton_forward(monkeypatch):
     calls = []
 
     def fwd(q, k, v, causal, bottom_right, scale, attn_mask=None, key_lengths=None, dropout_p=0.0, rng_state=None,
-            softcap=0.0, window_left=-1, window_right=-1):
-        assert softcap == 0.0 and window_left == window_right == -1  # not in the Triton kernels yet
+            softcap=0.0, window_left=-1, window_right=-1, alibi_slopes=None):
+        assert softcap == 0.0 and window_left == window_right == -1 and alibi_slopes is None  # not in Triton yet
         calls.append((causal, bottom_right, attn_mask))
         return K.forward(q, k, v, causal, bottom_right, scale, attn_mask, key_lengths, dropout_p, rng_state)
 

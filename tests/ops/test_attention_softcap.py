@@ -36,7 +36,7 @@ def test_softcap_matches_reference(B, H, Hk, Lq, Lk, D, causal, dtype):
 
 def option_inputs(kind: str, B: int, H: int, Lq: int, Lk: int) -> dict:
     """flash_attention keywords for one of the other features to combine with: a boolean or
-    float mask, key lengths (the second sequence shorter), dropout, softcap."""
+    float mask, key lengths (the second sequence shorter), dropout, softcap, ALiBi, a window."""
     g = torch.Generator().manual_seed(3)
     if kind == "bool":
         return dict(attn_mask=torch.rand(B, 1, Lq, Lk, generator=g) > 0.3)
@@ -44,6 +44,10 @@ def option_inputs(kind: str, B: int, H: int, Lq: int, Lk: int) -> dict:
         return dict(attn_mask=torch.randn(1, H, Lq, Lk, generator=g, dtype=torch.float64))
     if kind == "lengths":
         return dict(key_lengths=torch.tensor([Lk, Lk // 2 - 5]))
+    if kind == "alibi":
+        return dict(alibi_slopes=torch.rand(B, H, generator=g))
+    if kind == "window":
+        return dict(window=(Lk // 3, 0))
     return dict(dropout_p=0.3) if kind == "dropout" else dict(softcap=1.2)
 
 

@@ -42,7 +42,7 @@ def _caches(B, Hk, D, Dv, dtype, seqlens, Lnew, paged=None, g=None, Lmax=None):
 
 def _check(B=3, H=8, Hk=2, Lq=1, D=64, Dv=None, seqlens=(0, 17, 40), Lnew=1, paged=None, dtype=torch.float32,
            causal=True, Lmax=None, **options):
-    """One step against the float64 reference; options: softcap, window."""
+    """One step against the float64 reference; options: softcap, window, alibi_slopes."""
     Dv = Dv or D
     g = torch.Generator().manual_seed(B * 1000 + Lq * 10 + Lnew)
     kc, vc, table = _caches(B, Hk, D, Dv, dtype, seqlens, Lnew, paged, g, Lmax)

@@ -46,7 +46,7 @@ def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
 
 @torch.library.register_fake("seqkernels::flash_attention_forward")
 def _fwd_fake(q, k, v, causal, bottom_right, scale, attn_mask=None, key_lengths=None, dropout_p=0.0,
-              rng_state=None, softcap=0.0, window_left=-1, window_right=-1):
+              rng_state=None, softcap=0.0, window_left=-1, window_right=-1, alibi_slopes=None):
     B, H, Lq, _ = q.shape
     out = q.new_empty(B, H, Lq, v.shape[-1])
     lse = q.new_empty(B, H, Lq, dtype=_lse_dtype(q.dtype))
@@ -55,7 +55,8 @@ def _fwd_fake(q, k, v, causal, bottom_right, scale, attn_mask=None, key_lengths=
 
 @torch.library.register_fake("seqkernels::flash_attention_backward")
 def _bwd_fake(grad_out, grad_lse, q, k, v, out, lse, causal, bottom_right, scale, attn_mask=None,
-              key_lengths=None, dropout_p=0.0, rng_state=None, softcap=0.0, window_left=-1, window_right=-1):
+              key_lengths=None, dropout_p=0.0, rng_state=None, softcap=0.0, window_left=-1, window_right=-1,
+              alibi_slopes=None):
     # the kernels return contiguous gradients whatever the inputs' strides
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
@@ -63,24 +64,24 @@ def _bwd_fake(grad_out, grad_lse, q, k, v, out, lse, causal, bottom_right, scale
 # --- autograd --------------------------------------------------------------------------------
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, causal, bottom_right, scale, attn_mask, key_lengths, dropout_p, rng_state, softcap, wl, wr = inputs
+    q, k, v, causal, bottom_right, scale, attn_mask, key_lengths, dropout_p, rng_state, softcap, wl, wr, alibi = inputs
     if attn_mask is not None and attn_mask.requires_grad:
         raise RuntimeError(
             "seqkernels::flash_attention_forward: the fused kernels do not compute a gradient for "
             "attn_mask; seqkernels.scaled_dot_product_attention computes it (materialized) instead")
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, attn_mask, key_lengths, rng_state)
+    ctx.save_for_backward(q, k, v, out, lse, attn_mask, key_lengths, rng_state, alibi)
     ctx.causal, ctx.bottom_right, ctx.scale, ctx.dropout_p, ctx.softcap = causal, bottom_right, scale, dropout_p, softcap
     ctx.window = (wl, wr)
 
 
 def _backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse, attn_mask, key_lengths, rng_state = ctx.saved_tensors
+    q, k, v, out, lse, attn_mask, key_lengths, rng_state, alibi = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros_like(out)
     dq, dk, dv = _bwd(grad_out, grad_lse, q, k, v, out, lse, ctx.causal, ctx.bottom_right, ctx.scale,
-                      attn_mask, key_lengths, ctx.dropout_p, rng_state, ctx.softcap, *ctx.window)
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
+                      attn_mask, key_lengths, ctx.dropout_p, rng_state, ctx.softcap, *ctx.window, alibi)
+    return (dq, dk, dv) + (None,) * 11
 
 
 torch.library.register_autograd("seqkernels::flash_attention_forward", _backward, setup_context=_setup_context)
@@ -101,9 +102,11 @@ def _triton():
     return kernels
 
 
-def _use_triton(q, softcap: float = 0.0, window_left: int = -1, window_right: int = -1) -> bool:
-    # softcap and windows are not in the Triton kernels yet: such calls run the exact materialized math
-    return q.dtype in _TRITON_DTYPES and softcap == 0.0 and window_left == -1 and window_right == -1
+def _use_triton(q, softcap: float = 0.0, window_left: int = -1, window_right: int = -1, alibi_slopes=None) -> bool:
+    # softcap, windows and ALiBi are not in the Triton kernels yet: such calls run the exact
+    # materialized math
+    return (q.dtype in _TRITON_DTYPES and softcap == 0.0 and window_left == -1 and window_right == -1
+            and alibi_slopes is None)
 
 
 def _keep_mask(q, k, dropout_p, rng_state) -> Optional[Tensor]:
@@ -115,35 +118,36 @@ def _keep_mask(q, k, dropout_p, rng_state) -> Optional[Tensor]:
 
 
 def _materialized(q, k, v, causal, bottom_right, scale, attn_mask, key_lengths, dropout_p, rng_state,
-                  softcap=0.0, window_left=-1, window_right=-1):
+                  softcap=0.0, window_left=-1, window_right=-1, alibi_slopes=None):
     out, lse = _reference_flash_attention(
         q, k, v, causal=causal, scale=scale, bottom_right=bottom_right, attn_mask=attn_mask,
         key_lengths=key_lengths, dropout_p=dropout_p, dropout_mask=_keep_mask(q, k, dropout_p, rng_state),
-        softcap=softcap, window=(window_left, window_right))
+        softcap=softcap, window=(window_left, window_right), alibi_slopes=alibi_slopes)
     return out, lse.to(_lse_dtype(q.dtype))
 
 
 @torch.library.impl("seqkernels::flash_attention_forward", "CUDA")
 def _fwd_cuda(q, k, v, causal, bottom_right, scale, attn_mask=None, key_lengths=None, dropout_p=0.0,
-              rng_state=None, softcap=0.0, window_left=-1, window_right=-1):
+              rng_state=None, softcap=0.0, window_left=-1, window_right=-1, alibi_slopes=None):
     check_key_lengths_range(key_lengths, k.shape[2], "flash_attention_forward")
-    if _use_triton(q, softcap, window_left, window_right):
+    if _use_triton(q, softcap, window_left, window_right, alibi_slopes):
         return _triton().forward(q, k, v, causal, bottom_right, scale, attn_mask, key_lengths, dropout_p, rng_state)
     return _materialized(q, k, v, causal, bottom_right, scale, attn_mask, key_lengths, dropout_p, rng_state,
-                         softcap, window_left, window_right)
+                         softcap, window_left, window_right, alibi_slopes)
 
 
 @torch.library.impl("seqkernels::flash_attention_backward", "CUDA")
 def _bwd_cuda(grad_out, grad_lse, q, k, v, out, lse, causal, bottom_right, scale, attn_mask=None,
-              key_lengths=None, dropout_p=0.0, rng_state=None, softcap=0.0, window_left=-1, window_right=-1):
+              key_lengths=None, dropout_p=0.0, rng_state=None, softcap=0.0, window_left=-1, window_right=-1,
+              alibi_slopes=None):
     check_key_lengths_range(key_lengths, k.shape[2], "flash_attention_backward")
-    if _use_triton(q, softcap, window_left, window_right):
+    if _use_triton(q, softcap, window_left, window_right, alibi_slopes):
         return _triton().backward(grad_out, grad_lse, q, k, v, out, lse, causal, bottom_right, scale, attn_mask,
                                   key_lengths, dropout_p, rng_state)
     with torch.enable_grad():
         qw, kw, vw = (t.detach().requires_grad_() for t in (q, k, v))
         o, l = _materialized(qw, kw, vw, causal, bottom_right, scale, attn_mask, key_lengths, dropout_p,
-                             rng_state, softcap, window_left, window_right)
+                             rng_state, softcap, window_left, window_right, alibi_slopes)
         finite = torch.isfinite(l)
         outs, grads = [o], [grad_out]
         if grad_lse is not None:
@@ -243,6 +247,25 @@ def _check_window(window, fn: str) -> tuple[int, int]:
     return int(window[0]), int(window[1])
 
 
+def _check_alibi(alibi_slopes, B: int, H: int, device, fn: str) -> Optional[Tensor]:
+    """None, or a float32 tensor of shape (H,) or (B, H) on the inputs' device (flash-attn's)."""
+    if alibi_slopes is None:
+        return None
+    if not isinstance(alibi_slopes, Tensor):
+        raise ArgumentTypeError(f"{fn}: alibi_slopes must be a torch.Tensor, got {type(alibi_slopes).__name__}")
+    if alibi_slopes.dtype != torch.float32:
+        raise ArgumentTypeError(f"{fn}: alibi_slopes must be float32 (flash-attn's convention), got "
+                                f"{alibi_slopes.dtype}")
+    if tuple(alibi_slopes.shape) not in ((H,), (B, H)):
+        raise ArgumentError(f"{fn}: alibi_slopes must have shape (heads,) = ({H},) or (batch, heads) = ({B}, {H}), "
+                            f"got {tuple(alibi_slopes.shape)}")
+    if alibi_slopes.device != device:
+        raise ArgumentError(f"{fn}: alibi_slopes must be on {device}, got {alibi_slopes.device}")
+    if alibi_slopes.requires_grad:
+        raise ArgumentError(f"{fn}: the kernels compute no gradient for alibi_slopes; pass it detached")
+    return alibi_slopes
+
+
 def _is_symbolic(t: Tensor) -> bool:
     """True for tensors without values to read: under torch.compile, fake or meta tensors."""
     return torch.compiler.is_compiling() or t.device.type == "meta" or isinstance(t, torch._subclasses.FakeTensor)
@@ -267,7 +290,7 @@ def _new_rng_state() -> Tensor:
 
 
 def _attention(q, k, v, causal, bottom_right, scale, attn_mask, key_lengths, dropout_p, softcap=0.0,
-               window=(-1, -1)):
+               window=(-1, -1), alibi_slopes=None):
     """Run the op on checked 4-D inputs; returns (out in q's dtype, lse)."""
     dtype = q.dtype
     if attn_mask is not None:
@@ -285,7 +308,7 @@ def _attention(q, k, v, causal, bottom_right, scale, attn_mask, key_lengths, dro
     p = 0.0 if drop_all else float(dropout_p)
     rng_state = _new_rng_state() if p > 0.0 else None
     args = (q, k, v, bool(causal), bool(bottom_right), scale, attn_mask, key_lengths, p, rng_state, float(softcap),
-            int(window[0]), int(window[1]))
+            int(window[0]), int(window[1]), alibi_slopes)
     if not torch.compiler.is_compiling() and not (
             torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
         # nothing to differentiate (inference, decoding): skip the Python autograd layer of the
@@ -312,6 +335,7 @@ def flash_attention(
     dropout_p: float = 0.0,
     softcap: float = 0.0,
     window: tuple[int, int] = (-1, -1),
+    alibi_slopes: Optional[Tensor] = None,
 ):
     """Exact attention softmax(q k^T * scale + mask) v, computed tile by tile in O(n) memory.
 
@@ -347,6 +371,10 @@ def flash_attention(
             the right side at 0) and every mask. Key tiles outside every row's window are
             never visited, so the cost grows as O(Lq * window). CPU kernels; on a GPU the exact
             materialized math for now.
+        alibi_slopes: ALiBi (BLOOM, MPT), float32 (heads,) or (batch, heads): each score gets
+            -slope * |i + off - j| (off as for ``window``), after the cap and with the masks,
+            flash-attn's convention. No gradient flows to the slopes. CPU kernels; on a GPU
+            the exact materialized math for now.
 
     Returns:
         out (batch, heads, Lq, head_dim_v), or (out, lse). Differentiable in q, k, v (and
@@ -365,28 +393,32 @@ def flash_attention(
     if has_torch_function(tensors):  # a tensor subclass: its own __torch_function__ decides
         return handle_torch_function(flash_attention, tensors, q, k, v, causal, scale, return_lse,
                                      attn_mask=attn_mask, key_lengths=key_lengths, dropout_p=dropout_p,
-                                     softcap=softcap, window=window)
+                                     softcap=softcap, window=window, alibi_slopes=alibi_slopes)
     check_attention_inputs(q, k, v)
     _check_mask_args(q, k, attn_mask, key_lengths, dropout_p, "flash_attention")
     softcap = _check_softcap(softcap, "flash_attention")
     window = _check_window(window, "flash_attention")
+    alibi_slopes = _check_alibi(alibi_slopes, q.shape[0], q.shape[1], q.device, "flash_attention")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if functorch_wrapped(q, k, v, attn_mask):  # torch.func transforms: the same math, materialized
-        out, lse = _materialized_native(q, k, v, causal, scale, attn_mask, key_lengths, dropout_p, softcap, window)
+        out, lse = _materialized_native(q, k, v, causal, scale, attn_mask, key_lengths, dropout_p, softcap, window,
+                                        alibi_slopes)
     else:
-        out, lse = _attention(q, k, v, causal, True, scale, attn_mask, key_lengths, dropout_p, softcap, window)
+        out, lse = _attention(q, k, v, causal, True, scale, attn_mask, key_lengths, dropout_p, softcap, window,
+                              alibi_slopes)
     return (out, lse) if return_lse else out
 
 
 script_unsupported(flash_attention, "seqkernels.flash_attention")
 
 
-def _materialized_native(q, k, v, causal, scale, attn_mask, key_lengths, dropout_p, softcap=0.0, window=(-1, -1)):
+def _materialized_native(q, k, v, causal, scale, attn_mask, key_lengths, dropout_p, softcap=0.0, window=(-1, -1),
+                         alibi_slopes=None):
     """flash_attention's math with the full score matrix in plain PyTorch ops, for
     torch.func transforms (grad, vmap, jacrev, ...), which the custom ops do not support."""
     if attn_mask is not None and attn_mask.dtype != torch.bool:
         attn_mask = attn_mask.to(q.dtype)
     p = 0.0 if dropout_p >= 1.0 else float(dropout_p)
     out, lse = _materialized(q, k, v, causal, True, scale, attn_mask, key_lengths, p,
-                             _new_rng_state() if p > 0.0 else None, softcap, *window)
+                             _new_rng_state() if p > 0.0 else None, softcap, *window, alibi_slopes)
     return (out * 0 if dropout_p >= 1.0 else out), lse

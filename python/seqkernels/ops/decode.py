@@ -18,7 +18,7 @@ from .. import _C  # noqa: F401  (registers the schema and the CPU kernel)
 from ..errors import ArgumentError, ArgumentTypeError
 from ..reference.attention import kvcache_attention as _reference_kvcache
 from ._common import script_unsupported
-from .attention import _check_softcap, _check_window
+from .attention import _check_alibi, _check_softcap, _check_window
 
 _op = torch.ops.seqkernels.flash_attention_kvcache
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -27,24 +27,25 @@ _FN = "flash_attention_with_kvcache"
 
 @torch.library.register_fake("seqkernels::flash_attention_kvcache")
 def _fake(q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal, scale, softcap=0.0, window_left=-1,
-          window_right=-1):
+          window_right=-1, alibi_slopes=None):
     B, H, Lq, _ = q.shape
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     return q.new_empty(B, H, Lq, v_cache.shape[-1]), q.new_empty(B, H, Lq, dtype=lse_dtype)
 
 
 def _cuda(q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal, scale, softcap=0.0, window_left=-1,
-          window_right=-1):
+          window_right=-1, alibi_slopes=None):
     from seqkernels.kernels import decode as kernels
 
     # the op body checks the values itself (the Python API leaves them to it off the CPU, and
     # a compiled graph skips the API's checks); the CPU op checks them in C++
     _check_values(k_cache, cache_seqlens, block_table, 0 if k is None else k.shape[2], "flash_attention_kvcache")
-    if softcap or window_left != -1 or window_right != -1:
+    if softcap or window_left != -1 or window_right != -1 or alibi_slopes is not None:
         # not in the Triton decode kernels yet: the exact math of the reference, then the same
         # in-place writes
         out, lse, kc, vc = _reference_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal, scale,
-                                              softcap=softcap, window=(window_left, window_right))
+                                              softcap=softcap, window=(window_left, window_right),
+                                              alibi_slopes=alibi_slopes)
         k_cache.copy_(kc)
         v_cache.copy_(vc)
         return out, lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
@@ -160,6 +161,7 @@ def flash_attention_with_kvcache(
     *,
     softcap: float = 0.0,
     window: tuple[int, int] = (-1, -1),
+    alibi_slopes: Optional[Tensor] = None,
 ):
     """One decoding step against a KV cache, flash-attn's ``flash_attn_with_kvcache`` in this
     library's (batch, heads, seq, head_dim) layout.
@@ -186,7 +188,9 @@ def flash_attention_with_kvcache(
         window: a sliding window (left, right), flash-attn's window_size, aligned like the
             causal mask on each sequence's own length (query i sits at position
             i + cache_seqlens[b] + Lnew - Lq). Keys before every row's window are never read.
-            On a GPU, softcap and windows run the exact materialized math for now.
+        alibi_slopes: ALiBi slopes, float32 (heads,) or (batch, heads), as in
+            :func:`seqkernels.flash_attention`, positions aligned as the window.
+            On a GPU, softcap, windows and ALiBi run the exact materialized math for now.
 
     Caches in float32, bfloat16 or float16 (and float64); half-precision caches are read as
     such and accumulated in float32. Inference only: raises if any input requires grad.
@@ -199,7 +203,9 @@ def flash_attention_with_kvcache(
     cache_seqlens, block_table = _check(q, k_cache, v_cache, k, v, cache_seqlens, block_table)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     softcap, window = _check_softcap(softcap, _FN), _check_window(window, _FN)
-    out, lse = _op(q, k_cache, v_cache, k, v, cache_seqlens, block_table, bool(causal), scale, softcap, *window)
+    alibi_slopes = _check_alibi(alibi_slopes, q.shape[0], q.shape[1], q.device, _FN)
+    out, lse = _op(q, k_cache, v_cache, k, v, cache_seqlens, block_table, bool(causal), scale, softcap, *window,
+                   alibi_slopes)
     return (out, lse) if return_lse else out
 
 

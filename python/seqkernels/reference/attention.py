@@ -106,6 +106,7 @@ def flash_attention(
     dropout_mask: Optional[Tensor] = None,
     softcap: float = 0.0,
     window: tuple[int, int] = (-1, -1),
+    alibi_slopes: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
     """The convention of :func:`seqkernels.flash_attention`, materialized.
 
@@ -118,7 +119,9 @@ def flash_attention(
     (B, H, Lq, Lk)) is True, scaled by 1/(1-p); random when no mask is given. ``softcap`` > 0
     maps every scaled score s to softcap * tanh(s / softcap) before the masks. ``window``
     (left, right): query i sees keys i + off - left <= j <= i + off + right, off aligned as
-    the causal mask (Lk - Lq bottom-right, 0 top-left); -1 = unbounded.
+    the causal mask (Lk - Lq bottom-right, 0 top-left); -1 = unbounded. ``alibi_slopes``
+    (H,) or (B, H): ALiBi, score += -slope * |i + off - j| after the cap, off aligned as the
+    window.
 
     Returns (out (B, H, Lq, Dv), lse (B, H, Lq)) where lse is the log-sum-exp of each row of
     scaled, masked scores before dropout (-inf for a row that sees no key, whose output is
@@ -130,6 +133,12 @@ def flash_attention(
     if softcap:
         scores = softcap * torch.tanh(scores / softcap)
     Lq, Lk = q.shape[-2], k.shape[-2]
+    if alibi_slopes is not None:
+        pos = torch.arange(Lq, device=q.device)[:, None] + (Lk - Lq if bottom_right else 0)
+        dist = (pos - torch.arange(Lk, device=q.device)[None, :]).abs().to(scores.dtype)
+        slopes = alibi_slopes.to(scores.dtype)
+        slopes = slopes[:, :, None, None] if slopes.dim() == 2 else slopes[None, :, None, None]
+        scores = scores - slopes * dist
     if causal:
         mask = causal_mask(Lq, Lk, bottom_right=bottom_right, device=q.device)
         scores = scores.masked_fill(~mask, float("-inf"))
@@ -173,6 +182,7 @@ def kvcache_attention(
     scale: Optional[float] = None,
     softcap: float = 0.0,
     window: tuple[int, int] = (-1, -1),
+    alibi_slopes: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The semantics of :func:`seqkernels.flash_attention_with_kvcache`, without writing in
     place: returns (out, lse, new k_cache, new v_cache), one sequence at a time.
@@ -212,8 +222,9 @@ def kvcache_attention(
             outs.append(q.new_zeros(1, H, Lq, v_cache.shape[-1]))
             lses.append(torch.full((1, H, Lq), float("-inf"), dtype=q.dtype))
             continue
+        slopes = None if alibi_slopes is None else (alibi_slopes[b:b + 1] if alibi_slopes.dim() == 2 else alibi_slopes)
         o, lse = flash_attention(q[b:b + 1], kb.to(q.dtype), vb.to(q.dtype), causal=causal, scale=scale,
-                                 softcap=softcap, window=window)
+                                 softcap=softcap, window=window, alibi_slopes=slopes)
         outs.append(o)
         lses.append(lse)
     return torch.cat(outs), torch.cat(lses), k_cache, v_cache
