@@ -50,9 +50,9 @@ constexpr int64_t kBwdK = 64;
 constexpr double kSlack = 8.0;
 
 // Forward kv tile length: kFwdKMax for head dims up to 64, shorter for larger ones so that
-// the K and V tiles (kK x D each) plus S still fit in L2.
+// the K and V tiles (kK x D each) plus S still fit in L2 next to the Q block.
 inline int64_t fwd_kv_tile(int64_t d) {
-  return d <= 64 ? kFwdKMax : (d <= 128 ? 256 : 128);
+  return d <= 64 ? kFwdKMax : (d <= 128 ? 256 : (d <= 256 ? 128 : 64));
 }
 
 struct Dims {

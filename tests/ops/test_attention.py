@@ -72,6 +72,15 @@ def test_head_dims(D):
     check(*make(1, 2, 1, 67, 150, D), causal=True)
 
 
+# past 256 (the forward's key tile shortens to 64) and Dv != D as MLA has it (192 / 128 and
+# 576 / 512), through the forward, backward and decode regime
+@pytest.mark.parametrize("D, Dv", [(257, 257), (512, 512), (192, 128), (576, 512), (300, 700), (1024, 64)])
+@pytest.mark.parametrize("Lq", [1, 131])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_large_and_unequal_head_dims(D, Dv, Lq, dtype):
+    check(*make(2, 4, 2, Lq, 150, D, Dv, dtype=dtype), causal=True, tol_scale=2)
+
+
 @pytest.mark.parametrize("H,Hk", [(6, 2), (4, 1), (3, 3)])
 @pytest.mark.parametrize("causal", [False, True])
 def test_grouped_query_heads(H, Hk, causal):
@@ -200,9 +209,12 @@ def _qkv(**over):
     (dict(q=torch.randn(4, 8, 16)), ValueError, "q must be 4-D"),
     (dict(k=torch.randn(1, 2, 9, 16, 1)), ValueError, "k must be 4-D"),
     (dict(k=torch.randn(1, 2, 9, 8)), ValueError, "head dims differ"),
-    (dict(q=torch.randn(1, 4, 8, 300), k=torch.randn(1, 2, 9, 300), v=torch.randn(1, 2, 9, 300)), ValueError,
-     "head dim must be between 1 and 256"),
-    (dict(v=torch.randn(1, 2, 9, 257)), ValueError, "v head dim"),
+    (dict(q=torch.randn(1, 4, 8, 1025), k=torch.randn(1, 2, 9, 1025), v=torch.randn(1, 2, 9, 16)), ValueError,
+     "q/k head dim must be between 1 and 1024 on the CPU"),
+    (dict(v=torch.randn(1, 2, 9, 1100)), ValueError, "v head dim"),
+    # off the CPU, the GPU kernels' limit (checked before any kernel, here on meta tensors)
+    (dict(q=torch.randn(1, 4, 8, 300, device="meta"), k=torch.randn(1, 2, 9, 300, device="meta"),
+          v=torch.randn(1, 2, 9, 300, device="meta")), ValueError, "between 1 and 256 on meta"),
     (dict(k=torch.randn(1, 2, 9, 16, dtype=torch.float64)), TypeError, "same dtype"),
     (dict(q=torch.randint(0, 3, (1, 4, 8, 16))), TypeError, "q must be float16"),
     (dict(k=torch.randn(1, 3, 9, 16), v=torch.randn(1, 3, 9, 16)), ValueError, "multiple of the key/value heads"),

@@ -258,6 +258,19 @@ def test_decode_kernel_equals_general_kernel_switch(causal, G, Lq, Lk):
     torch.testing.assert_close(a[1], e[1], rtol=2e-5, atol=2e-6)
 
 
+@pytest.mark.parametrize("D, Dv", [(576, 512), (192, 128), (300, 300)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_large_and_unequal_head_dims_in_a_step(D, Dv, dtype):
+    # MLA's shapes (576 / 512, 192 / 128) and a head dim past 256
+    _check(H=4, Hk=1, D=D, Dv=Dv, Lq=2, Lnew=2, seqlens=(3, 300, 41), dtype=dtype)
+
+
+def test_head_dim_limit_in_a_step():
+    q, kc = torch.randn(1, 2, 1, 1025), torch.zeros(1, 2, 4, 1025)
+    with pytest.raises(seqkernels.errors.ArgumentError, match="head dims up to 1024"):
+        seqkernels.flash_attention_with_kvcache(q, kc, kc.clone(), cache_seqlens=2)
+
+
 @pytest.mark.parametrize("window", [(0, 0), (5, -1), (16, 0), (300, 0), (7, 3)])
 @pytest.mark.parametrize("paged", [None, 16])
 @pytest.mark.parametrize("Lq, Lnew", [(1, 1), (3, 3), (2, 0)])

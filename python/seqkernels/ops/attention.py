@@ -24,7 +24,11 @@ from ..reference.philox import dropout_keep_mask
 _fwd = torch.ops.seqkernels.flash_attention_forward
 _bwd = torch.ops.seqkernels.flash_attention_backward
 
+# The largest head dim: on a GPU the Triton kernels' largest head-dim class (their tiles
+# fit shared memory up to it; tests/kernels/test_aot_compile.py), and the SDPA drop-in's
+# everywhere; the CPU kernels take up to MAX_HEAD_DIM_CPU (MLA's 576 / 512 included).
 MAX_HEAD_DIM = 256
+MAX_HEAD_DIM_CPU = 1024
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -193,9 +197,13 @@ def check_attention_inputs(q: Tensor, k: Tensor, v: Tensor, fn: str = "flash_att
         raise ArgumentError(f"{fn}: sequence lengths must be at least 1, got q {Lq} and k {Lk}")
     if D != Dk:
         raise ArgumentError(f"{fn}: q and k head dims differ: {D} and {Dk}")
-    if not (1 <= D <= MAX_HEAD_DIM and 1 <= Dv <= MAX_HEAD_DIM):
-        name, dim = ("q/k", D) if not 1 <= D <= MAX_HEAD_DIM else ("v", Dv)
-        raise ArgumentError(f"{fn}: the {name} head dim must be between 1 and {MAX_HEAD_DIM}, got {dim}")
+    top = MAX_HEAD_DIM_CPU if q.device.type == "cpu" else MAX_HEAD_DIM
+    if not (1 <= D <= top and 1 <= Dv <= top):
+        name, dim = ("q/k", D) if not 1 <= D <= top else ("v", Dv)
+        where = "the CPU kernels" if top == MAX_HEAD_DIM_CPU else (
+            f"{q.device.type} (the GPU kernels' tiles fit shared memory up to {MAX_HEAD_DIM}; the CPU kernels "
+            f"take up to {MAX_HEAD_DIM_CPU})")
+        raise ArgumentError(f"{fn}: the {name} head dim must be between 1 and {top} on {where}, got {dim}")
 
 
 def _check_mask_args(q: Tensor, k: Tensor, attn_mask, key_lengths, dropout_p, fn: str) -> None:
@@ -380,7 +388,8 @@ def flash_attention(
         out (batch, heads, Lq, head_dim_v), or (out, lse). Differentiable in q, k, v (and
         through lse).
 
-    Head dims up to 256; float16, bfloat16, float32 and float64. On the CPU, float16 and
+    Head dims (q/k and v, which may differ: MLA's 192 / 128 or 576 / 512) up to 1024 on the
+    CPU and 256 on a GPU (a clear error beyond); float16, bfloat16, float32 and float64. On the CPU, float16 and
     bfloat16 inputs are computed in float32 (the C++ kernel takes float32 and float64).
 
     Example::

@@ -18,7 +18,7 @@ from .. import _C  # noqa: F401  (registers the schema and the CPU kernel)
 from ..errors import ArgumentError, ArgumentTypeError
 from ..reference.attention import kvcache_attention as _reference_kvcache
 from ._common import script_unsupported
-from .attention import _check_alibi, _check_softcap, _check_window
+from .attention import MAX_HEAD_DIM, MAX_HEAD_DIM_CPU, _check_alibi, _check_softcap, _check_window
 
 _op = torch.ops.seqkernels.flash_attention_kvcache
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -88,6 +88,10 @@ def _check(q, k_cache, v_cache, k, v, cache_seqlens, block_table) -> tuple[Tenso
         raise ArgumentError(f"{_FN}: the query heads ({H}) must be a multiple of the cache's kv heads ({Hk})")
     if D == 0 or Dv == 0:
         raise ArgumentError(f"{_FN}: head dims must be positive")
+    top = MAX_HEAD_DIM_CPU if q.device.type == "cpu" else MAX_HEAD_DIM
+    if max(D, Dv) > top:
+        raise ArgumentError(f"{_FN}: head dims up to {top} on {q.device.type} (the CPU kernels take up to "
+                            f"{MAX_HEAD_DIM_CPU}, the GPU kernels {MAX_HEAD_DIM}), got {D} and {Dv}")
     if block_table is not None:
         if not isinstance(block_table, Tensor) or block_table.dtype != torch.int32 or block_table.dim() != 2 \
                 or block_table.shape[0] != B:
