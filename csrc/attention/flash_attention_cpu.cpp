@@ -5,7 +5,11 @@
 // seqkernels::flash_attention_forward / _backward (schemas in csrc/seqkernels.cpp).
 //
 // Layout: q (B, H, Lq, D), k (B, Hk, Lk, D), v (B, Hk, Lk, Dv), contiguous; Hk divides H
-// (grouped-query heads: query head h reads k/v head h / (H / Hk)). Causal masking lets
+// (grouped-query heads: query head h reads k/v head h / (H / Hk)). The varlen ops take
+// packed batches instead (flash-attn's flash_attn_varlen_func): q (total_q, H, D), k
+// (total_k, Hk, D), v (total_k, Hk, Dv), sequence b in rows cu_seqlens[b] .. cu_seqlens[b+1]-1;
+// the kernels read both layouts in place through Rows, and split their work at sequence
+// boundaries (a tile never spans two sequences). Causal masking lets
 // query i see key j when j <= i + offset, with offset = Lk - Lq (bottom-right) or 0
 // (top-left). A row that sees no key gets output 0 and LSE -inf. Optional: per-batch key
 // lengths, an attention mask (boolean or additive, any broadcast, read through strides)
@@ -55,9 +59,40 @@ inline int64_t fwd_kv_tile(int64_t d) {
   return d <= 64 ? kFwdKMax : (d <= 128 ? 256 : (d <= 256 ? 128 : 64));
 }
 
+// Lq and Lk are the per-sequence lengths of a (B, H, L, D) batch; for a packed batch the
+// total query rows and the longest key sequence (Masking::lq / lk give each sequence's).
 struct Dims {
   int64_t B, H, Hk, G, Lq, Lk, D, Dv;
 };
+
+// Where the rows of one tensor live: row i of head h of sequence b starts at element
+// base(b) + h * hs + i * rs. A (B, H, L, X) batch: base = b * bs, hs = L * X, rs = X. A packed
+// (total, H, X) batch: base = cu[b] * rs, hs = X, rs = H * X; its LSE (H, total): hs = total,
+// rs = 1.
+struct Rows {
+  int64_t bs = 0, hs = 0, rs = 0;
+  const int32_t* cu = nullptr;
+  int64_t at(int64_t b, int64_t h, int64_t i) const { return (cu ? cu[b] * rs : b * bs) + h * hs + i * rs; }
+};
+
+Rows batched_rows(const at::Tensor& t) {  // (B, H, L, X) or, for the LSE, (B, H, L)
+  const int64_t x = t.dim() == 4 ? t.size(3) : 1;
+  return {t.size(1) * t.size(2) * x, t.size(2) * x, x, nullptr};
+}
+Rows packed_rows(const at::Tensor& t, const int32_t* cu) {  // (total, H, X)
+  return {0, t.size(2), t.size(1) * t.size(2), cu};
+}
+Rows packed_lse_rows(int64_t total, const int32_t* cu) { return {0, total, 1, cu}; }  // (H, total)
+
+// The row layouts of every tensor the kernels touch; gradients share their input's.
+struct Layout {
+  Rows q, k, v, o, lse;
+};
+
+Layout batched_layout(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& o,
+                      const at::Tensor& lse) {
+  return {batched_rows(q), batched_rows(k), batched_rows(v), batched_rows(o), batched_rows(lse)};
+}
 
 Dims make_dims(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   Dims d;
@@ -88,7 +123,7 @@ attention::Masking<scalar_t> make_masking(const Dims& d, bool causal, bool botto
   m.Lq = d.Lq;
   m.Lk = d.Lk;
   m.causal = causal;
-  m.causal_offset = bottom_right ? d.Lk - d.Lq : 0;
+  m.bottom_right = bottom_right;
   if (in.key_lengths.defined()) m.key_lengths = in.key_lengths.const_data_ptr<int64_t>();
   if (in.mask.defined()) {
     const at::Tensor& a = in.mask;
@@ -109,7 +144,6 @@ attention::Masking<scalar_t> make_masking(const Dims& d, bool causal, bool botto
               "got (", window_left, ", ", window_right, ")");
   m.window_left = window_left;
   m.window_right = window_right;
-  m.window_offset = m.causal_offset;
   attention::set_alibi(m, in.alibi);
   if (dropout_p > 0.0) {
     TORCH_CHECK(rng_state.has_value() && rng_state->defined() && rng_state->numel() == 2 &&
@@ -169,34 +203,43 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v)
 }
 
 template <typename scalar_t>
-void forward_kernel(const Dims& d, const attention::Masking<scalar_t>& mk, const scalar_t* q,
+void forward_kernel(const Dims& d, const Layout& lay, const attention::Masking<scalar_t>& mk, const scalar_t* q,
                     const scalar_t* k, const scalar_t* v, scalar_t* out, scalar_t* lse, scalar_t scale) {
-  const int64_t nqb = (d.Lq + kFwdQ - 1) / kFwdQ;
   const int64_t kFwdK = fwd_kv_tile(d.D);
   constexpr scalar_t kNegInf = -std::numeric_limits<scalar_t>::infinity();
+  // Tasks (sequence b, head h, query block qb) in that order; sequence b's first is first[b]
+  // (sequences of a packed batch have their own number of query blocks).
+  std::vector<int64_t> first(d.B + 1, 0);
+  for (int64_t b = 0; b < d.B; ++b) first[b + 1] = first[b] + d.H * ((mk.lq(b) + kFwdQ - 1) / kFwdQ);
+  const int64_t qrs = lay.q.rs, krs = lay.k.rs, vrs = lay.v.rs, ors = lay.o.rs;
   // float32 tiles go to oneDNN's matmul when torch registers it (about twice MKL's sgemm on
   // AVX-512 machines where MKL runs AVX2 code: 212 vs 111 GFLOP/s single-threaded on the
   // 256 x 384 x 64 score tile here). It computes X W^T into a fresh tensor, so the softmax
   // scale is folded into a scaled copy of the Q block, and the PV product takes the V tile
-  // transposed (a Dv x cols copy) and is added into O.
+  // transposed (a Dv x cols copy) and is added into O. A packed batch's K rows are strided:
+  // each tile is copied to contiguous rows first (once per 256 query rows).
   const bool use_onednn = std::is_same_v<scalar_t, float> && onednn_available();
-  at::parallel_for(0, d.B * d.H * nqb, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, first[d.B], 1, [&](int64_t begin, int64_t end) {
     std::vector<scalar_t> s_buf(kFwdQ * kFwdK), m(kFwdQ), l(kFwdQ), z(mk.has_dropout() ? kFwdK : 0);
     std::vector<scalar_t> q_scaled(use_onednn ? kFwdQ * d.D : 0), v_t(use_onednn ? kFwdK * d.Dv : 0);
+    std::vector<scalar_t> k_pack(use_onednn && krs != d.D ? kFwdK * d.D : 0);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t qb = task % nqb, bh = task / nqb;
-      const int64_t b = bh / d.H, h = bh % d.H, hk = h / d.G;
-      const int64_t i0 = qb * kFwdQ, rows = std::min(kFwdQ, d.Lq - i0);
-      const scalar_t* Q = q + (bh * d.Lq + i0) * d.D;
-      const scalar_t* K = k + (b * d.Hk + hk) * d.Lk * d.D;
-      const scalar_t* V = v + (b * d.Hk + hk) * d.Lk * d.Dv;
-      scalar_t* O = out + (bh * d.Lq + i0) * d.Dv;
-      std::fill(O, O + rows * d.Dv, scalar_t(0));
+      const int64_t b = std::upper_bound(first.begin(), first.end(), task) - first.begin() - 1;
+      const int64_t nqb = (mk.lq(b) + kFwdQ - 1) / kFwdQ;
+      const int64_t h = (task - first[b]) / nqb, qb = (task - first[b]) % nqb, hk = h / d.G;
+      const int64_t i0 = qb * kFwdQ, rows = std::min(kFwdQ, mk.lq(b) - i0);
+      const scalar_t* Q = q + lay.q.at(b, h, i0);
+      const scalar_t* K = k + lay.k.at(b, hk, 0);
+      const scalar_t* V = v + lay.v.at(b, hk, 0);
+      scalar_t* O = out + lay.o.at(b, h, i0);
+      for (int64_t r = 0; r < rows; ++r) std::fill(O + r * ors, O + r * ors + d.Dv, scalar_t(0));
       std::fill(m.begin(), m.end(), kNegInf);
       std::fill(l.begin(), l.end(), scalar_t(0));
 
       if (use_onednn) {
-        for (int64_t e = 0; e < rows * d.D; ++e) q_scaled[e] = Q[e] * scale;
+        for (int64_t r = 0; r < rows; ++r) {
+          for (int64_t e = 0; e < d.D; ++e) q_scaled[r * d.D + e] = Q[r * qrs + e] * scale;
+        }
       }
       const int64_t kend = mk.key_end(b, i0 + rows - 1);  // keys past it are masked for every row
       // keys before the window of the block's first row are hidden for every row; tiles stay
@@ -210,13 +253,18 @@ void forward_kernel(const Dims& d, const attention::Masking<scalar_t>& mk, const
         at::Tensor s_tile;  // oneDNN's result, alive until the PV product is done
         if constexpr (std::is_same_v<scalar_t, float>) {
           if (use_onednn) {
+            const float* Kt = K + j0 * krs;
+            if (krs != d.D) {
+              for (int64_t c = 0; c < cols; ++c) std::copy(Kt + c * krs, Kt + c * krs + d.D, k_pack.data() + c * d.D);
+              Kt = k_pack.data();
+            }
             s_tile = onednn_linear(at::from_blob(q_scaled.data(), {rows, d.D}, at::kFloat),
-                                   at::from_blob(const_cast<float*>(K + j0 * d.D), {cols, d.D}, at::kFloat));
+                                   at::from_blob(const_cast<float*>(Kt), {cols, d.D}, at::kFloat));
             S = s_tile.mutable_data_ptr<float>();
           }
         }
         if (!use_onednn) {
-          gemm_rm<scalar_t>(N, T, rows, cols, d.D, scale, Q, d.D, K + j0 * d.D, d.D, 0, S, cols);
+          gemm_rm<scalar_t>(N, T, rows, cols, d.D, scale, Q, qrs, K + j0 * krs, krs, 0, S, cols);
         }
         for (int64_t r = 0; r < rows; ++r) {
           scalar_t* srow = S + r * cols;
@@ -234,7 +282,7 @@ void forward_kernel(const Dims& d, const attention::Masking<scalar_t>& mk, const
           }
           const scalar_t alpha = std::exp(m[r] - m_new);  // 0 when m[r] = -inf
           l[r] = l[r] * alpha + exp_sub_sum(srow, cols, m_new);
-          if (alpha != scalar_t(1)) scale_row(O + r * d.Dv, d.Dv, alpha);
+          if (alpha != scalar_t(1)) scale_row(O + r * ors, d.Dv, alpha);
           m[r] = m_new;
           if (mk.has_dropout()) {  // the sum above is over all keys; only the output drops
             mk.dropout_row(z.data(), b, h, i0 + r, j0, cols);
@@ -243,23 +291,29 @@ void forward_kernel(const Dims& d, const attention::Masking<scalar_t>& mk, const
         }
         if constexpr (std::is_same_v<scalar_t, float>) {
           if (use_onednn) {
-            transpose_tile(V + j0 * d.Dv, d.Dv, cols, d.Dv, v_t.data(), cols);  // (cols x Dv) -> (Dv x cols)
+            transpose_tile(V + j0 * vrs, vrs, cols, d.Dv, v_t.data(), cols);  // (cols x Dv) -> (Dv x cols)
             at::Tensor pv = onednn_linear(at::from_blob(S, {rows, cols}, at::kFloat),
                                           at::from_blob(v_t.data(), {d.Dv, cols}, at::kFloat));
-            add_into(O, pv.const_data_ptr<float>(), rows * d.Dv);
+            const float* P = pv.const_data_ptr<float>();
+            if (ors == d.Dv) {
+              add_into(O, P, rows * d.Dv);
+            } else {
+              for (int64_t r = 0; r < rows; ++r) add_into(O + r * ors, P + r * d.Dv, d.Dv);
+            }
           }
         }
         if (!use_onednn) {
-          gemm_rm<scalar_t>(N, N, rows, d.Dv, cols, 1, S, cols, V + j0 * d.Dv, d.Dv, 1, O, d.Dv);
+          gemm_rm<scalar_t>(N, N, rows, d.Dv, cols, 1, S, cols, V + j0 * vrs, vrs, 1, O, ors);
         }
       }
-      scalar_t* LSE = lse + bh * d.Lq + i0;
+      scalar_t* LSE = lse + lay.lse.at(b, h, i0);
       for (int64_t r = 0; r < rows; ++r) {
+        scalar_t* orow = O + r * ors;
         if (l[r] == scalar_t(0)) {  // the row sees no key
-          std::fill(O + r * d.Dv, O + (r + 1) * d.Dv, scalar_t(0));
+          std::fill(orow, orow + d.Dv, scalar_t(0));
           LSE[r] = kNegInf;
         } else {
-          scale_row(O + r * d.Dv, d.Dv, scalar_t(1) / l[r]);
+          scale_row(orow, d.Dv, scalar_t(1) / l[r]);
           LSE[r] = m[r] + std::log(l[r]);
         }
       }
@@ -295,7 +349,8 @@ std::tuple<at::Tensor, at::Tensor> flash_attention_forward_cpu(
                                                     lse.mutable_data_ptr<scalar_t>());
       return;
     }
-    forward_kernel<scalar_t>(d, mk, q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(),
+    forward_kernel<scalar_t>(d, batched_layout(q, k, v, out, lse), mk, q.const_data_ptr<scalar_t>(),
+                             k.const_data_ptr<scalar_t>(),
                              v.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
                              lse.mutable_data_ptr<scalar_t>(), static_cast<scalar_t>(scale));
   });
@@ -314,13 +369,13 @@ std::tuple<at::Tensor, at::Tensor> flash_attention_forward_cpu(
 // end: the result does not depend on scheduling (it is bitwise reproducible for a given
 // thread count, which fixes the number of chunks).
 template <typename scalar_t>
-void backward_kernel(const Dims& d, const attention::Masking<scalar_t>& mk, int64_t nchunks,
+void backward_kernel(const Dims& d, const Layout& lay, const attention::Masking<scalar_t>& mk, int64_t nchunks,
                      const scalar_t* q, const scalar_t* k,
                      const scalar_t* v, const scalar_t* dout, const scalar_t* lse,
-                     const scalar_t* delta, scalar_t* dq_parts, scalar_t* dk, scalar_t* dv,
+                     const scalar_t* delta, scalar_t* dq_parts, int64_t dq_part_size, scalar_t* dk, scalar_t* dv,
                      scalar_t scale) {
-  const int64_t nkb = (d.Lk + kBwdK - 1) / kBwdK;
   constexpr scalar_t kNegInf = -std::numeric_limits<scalar_t>::infinity();
+  const int64_t qrs = lay.q.rs, krs = lay.k.rs, vrs = lay.v.rs, ors = lay.o.rs;
   at::parallel_for(0, d.B * d.Hk * nchunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<scalar_t> p_buf(kBwdQ * kBwdK), dp_buf(kBwdQ * kBwdK);
     std::vector<scalar_t> z_buf(mk.has_dropout() ? kBwdQ * kBwdK : 0);
@@ -328,33 +383,35 @@ void backward_kernel(const Dims& d, const attention::Masking<scalar_t>& mk, int6
     for (int64_t task = begin; task < end; ++task) {
       const int64_t chunk = task % nchunks, bhk = task / nchunks;
       const int64_t b = bhk / d.Hk, hk = bhk % d.Hk;
-      scalar_t* dQp = dq_parts + chunk * d.B * d.H * d.Lq * d.D;
+      scalar_t* dQp = dq_parts + chunk * dq_part_size;
+      const int64_t nkb = (mk.lk(b) + kBwdK - 1) / kBwdK;
       // Key blocks chunk, chunk + nchunks, ...: interleaved, so that under a causal mask
       // every chunk gets a similar share of long and short key blocks.
       for (int64_t kb = chunk; kb < nkb; kb += nchunks) {
-        const int64_t j0 = kb * kBwdK, cols = std::min(kBwdK, d.Lk - j0);
-        const scalar_t* K = k + (bhk * d.Lk + j0) * d.D;
-        const scalar_t* V = v + (bhk * d.Lk + j0) * d.Dv;
-        scalar_t* dK = dk + (bhk * d.Lk + j0) * d.D;
-        scalar_t* dV = dv + (bhk * d.Lk + j0) * d.Dv;
-        std::fill(dK, dK + cols * d.D, scalar_t(0));
-        std::fill(dV, dV + cols * d.Dv, scalar_t(0));
+        const int64_t j0 = kb * kBwdK, cols = std::min(kBwdK, mk.lk(b) - j0);
+        const scalar_t* K = k + lay.k.at(b, hk, j0);
+        const scalar_t* V = v + lay.v.at(b, hk, j0);
+        scalar_t* dK = dk + lay.k.at(b, hk, j0);
+        scalar_t* dV = dv + lay.v.at(b, hk, j0);
+        for (int64_t c = 0; c < cols; ++c) {
+          std::fill(dK + c * krs, dK + c * krs + d.D, scalar_t(0));
+          std::fill(dV + c * vrs, dV + c * vrs + d.Dv, scalar_t(0));
+        }
         if (j0 >= mk.key_limit(b)) continue;  // padding keys: zero gradients, no work
-        const int64_t qstart = mk.first_query(j0), qend = mk.query_end(j0 + cols - 1);
+        const int64_t qstart = mk.first_query(b, j0), qend = mk.query_end(b, j0 + cols - 1);
         for (int64_t h = hk * d.G; h < (hk + 1) * d.G; ++h) {
-          const int64_t bh = b * d.H + h;
           for (int64_t i0 = qstart; i0 < qend; i0 += kBwdQ) {
             const int64_t rows = std::min(kBwdQ, qend - i0);
             const auto tile = mk.tile_state(b, h, i0, rows, j0, cols);
             if (tile == attention::Masking<scalar_t>::Tile::kHidden) continue;
-            const scalar_t* Q = q + (bh * d.Lq + i0) * d.D;
-            const scalar_t* dO = dout + (bh * d.Lq + i0) * d.Dv;
-            const scalar_t* LSE = lse + bh * d.Lq + i0;
-            const scalar_t* DELTA = delta + bh * d.Lq + i0;
+            const scalar_t* Q = q + lay.q.at(b, h, i0);
+            const scalar_t* dO = dout + lay.o.at(b, h, i0);
+            const scalar_t* LSE = lse + lay.lse.at(b, h, i0);
+            const scalar_t* DELTA = delta + lay.lse.at(b, h, i0);
             scalar_t* P = p_buf.data();
             scalar_t* dS = dp_buf.data();
             scalar_t* G = g_buf.data();
-            gemm_rm<scalar_t>(N, T, rows, cols, d.D, scale, Q, d.D, K, d.D, 0, P, cols);
+            gemm_rm<scalar_t>(N, T, rows, cols, d.D, scale, Q, qrs, K, krs, 0, P, cols);
             for (int64_t r = 0; r < rows; ++r) {
               scalar_t* prow = P + r * cols;
               if (LSE[r] == kNegInf) {
@@ -377,11 +434,11 @@ void backward_kernel(const Dims& d, const attention::Masking<scalar_t>& mk, int6
             if (mk.has_dropout()) {  // dS holds P * Z for the dV product, then dO V^T
               for (int64_t r = 0; r < rows; ++r) mk.dropout_row(Z + r * cols, b, h, i0 + r, j0, cols);
               at::vec::map2([](Vec p, Vec z) { return p * z; }, dS, P, Z, rows * cols);
-              gemm_rm<scalar_t>(T, N, cols, d.Dv, rows, 1, dS, cols, dO, d.Dv, 1, dV, d.Dv);
+              gemm_rm<scalar_t>(T, N, cols, d.Dv, rows, 1, dS, cols, dO, ors, 1, dV, vrs);
             } else {
-              gemm_rm<scalar_t>(T, N, cols, d.Dv, rows, 1, P, cols, dO, d.Dv, 1, dV, d.Dv);
+              gemm_rm<scalar_t>(T, N, cols, d.Dv, rows, 1, P, cols, dO, ors, 1, dV, vrs);
             }
-            gemm_rm<scalar_t>(N, T, rows, cols, d.Dv, 1, dO, d.Dv, V, d.Dv, 0, dS, cols);
+            gemm_rm<scalar_t>(N, T, rows, cols, d.Dv, 1, dO, ors, V, vrs, 0, dS, cols);
             for (int64_t r = 0; r < rows; ++r) {
               const Vec dl(DELTA[r]);
               scalar_t* dsrow = dS + r * cols;
@@ -396,9 +453,8 @@ void backward_kernel(const Dims& d, const attention::Masking<scalar_t>& mk, int6
                 at::vec::map2([](Vec ds, Vec g) { return ds * g; }, dsrow, dsrow, G + r * cols, cols);
               }
             }
-            gemm_rm<scalar_t>(T, N, cols, d.D, rows, scale, dS, cols, Q, d.D, 1, dK, d.D);
-            gemm_rm<scalar_t>(N, N, rows, d.D, cols, scale, dS, cols, K, d.D, 1,
-                              dQp + (bh * d.Lq + i0) * d.D, d.D);
+            gemm_rm<scalar_t>(T, N, cols, d.D, rows, scale, dS, cols, Q, qrs, 1, dK, krs);
+            gemm_rm<scalar_t>(N, N, rows, d.D, cols, scale, dS, cols, K, krs, 1, dQp + lay.q.at(b, h, i0), qrs);
           }
         }
       }
@@ -456,10 +512,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_backward_cpu(
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "flash_attention_backward_cpu", [&] {
     const auto mk = make_masking<scalar_t>(d, causal, bottom_right, mask_in, dropout_p, rng_state, softcap, window_left,
                                            window_right);
-    backward_kernel<scalar_t>(d, mk, nchunks, q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(),
-                              v.const_data_ptr<scalar_t>(), dout.const_data_ptr<scalar_t>(),
-                              lse.const_data_ptr<scalar_t>(), delta.const_data_ptr<scalar_t>(),
-                              dq_parts.mutable_data_ptr<scalar_t>(), dk.mutable_data_ptr<scalar_t>(),
+    backward_kernel<scalar_t>(d, batched_layout(q, k, v, dout, lse), mk, nchunks, q.const_data_ptr<scalar_t>(),
+                              k.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(),
+                              dout.const_data_ptr<scalar_t>(), lse.const_data_ptr<scalar_t>(),
+                              delta.const_data_ptr<scalar_t>(), dq_parts.mutable_data_ptr<scalar_t>(), q.numel(),
+                              dk.mutable_data_ptr<scalar_t>(),
                               dv.mutable_data_ptr<scalar_t>(), static_cast<scalar_t>(scale));
   });
   if (nchunks > 1) at::sum_out(dq, dq_parts, {0});

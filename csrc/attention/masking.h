@@ -93,11 +93,18 @@ inline void softcap_float(float* s, int64_t n, float c) {
 template <typename scalar_t>
 struct Masking {
   int64_t H = 1, Lq = 1, Lk = 1;
-  // Causal: query i sees keys j <= i + offset (offset = Lk - Lq bottom-right, 0 top-left;
-  // with causal_from_length, key_limit(b) - Lq: bottom-right on each sequence's own length,
-  // as a KV cache holds sequences of different lengths).
+  // Packed sequences (varlen): sequence b's queries are rows cu_q[b] .. cu_q[b + 1] - 1 of the
+  // packed batch and its keys rows cu_k[b] .. cu_k[b + 1] - 1; Lq is then the total number
+  // of query rows and Lk the longest key sequence (the dropout counters' row length). Null
+  // for a (B, H, L, D) batch, where every sequence has Lq queries and Lk keys.
+  const int32_t* cu_q = nullptr;
+  const int32_t* cu_k = nullptr;
+  // Causal: query i sees keys j <= i + offset(b): query i sits at key position i + offset(b)
+  // (lk(b) - lq(b) bottom-right, 0 top-left; with causal_from_length, key_limit(b) - Lq:
+  // bottom-right on each sequence's own length, as a KV cache holds sequences of different
+  // lengths). The window and ALiBi use the same positions.
   bool causal = false;
-  int64_t causal_offset = 0;
+  bool bottom_right = true;
   bool causal_from_length = false;
   // Key lengths (B,), int64: keys j >= key_lengths[b] are masked. Null when absent.
   const int64_t* key_lengths = nullptr;
@@ -107,15 +114,14 @@ struct Masking {
   const scalar_t* add_mask = nullptr;
   int64_t sb = 0, sh = 0, si = 0, sj = 0;
   // Sliding window (flash-attn's window_size): query i sees keys j with
-  // i + off - window_left <= j <= i + off + window_right; -1 = unbounded on that side. off
-  // follows the causal alignment: window_offset (Lk - Lq bottom-right, 0 top-left), or with
-  // causal_from_length each sequence's own key_limit(b) - Lq.
-  int64_t window_left = -1, window_right = -1, window_offset = 0;
+  // i + offset(b) - window_left <= j <= i + offset(b) + window_right; -1 = unbounded on that
+  // side.
+  int64_t window_left = -1, window_right = -1;
   // Logit softcapping: softcap > 0 maps a scaled score s to softcap * tanh(s / softcap),
   // before any mask is added or applied (flash-attn's order); 0 = off.
   scalar_t softcap = 0;
   // ALiBi (Press et al., "Train short, test long", 2022), flash-attn's convention: score +=
-  // -slope(b, h) * |i + off - j|, off the window's alignment, added after the cap. Slopes
+  // -slope(b, h) * |i + offset(b) - j|, added after the cap. Slopes
   // are float32, (H,) or (B, H): slope(b, h) = alibi[b * alibi_sb + h] (alibi_sb 0 or H).
   // Null = off.
   const float* alibi = nullptr;
@@ -146,35 +152,41 @@ struct Masking {
   }
   bool has_dropout() const { return dropout_p > 0.0; }
 
+  // The queries and keys of sequence b.
+  int64_t lq(int64_t b) const { return cu_q ? cu_q[b + 1] - cu_q[b] : Lq; }
+  int64_t lk(int64_t b) const { return cu_k ? cu_k[b + 1] - cu_k[b] : Lk; }
   // One past the last key any query of batch b may see (key lengths only).
   int64_t key_limit(int64_t b) const {
-    return key_lengths ? std::clamp<int64_t>(key_lengths[b], 0, Lk) : Lk;
+    return key_lengths ? std::clamp<int64_t>(key_lengths[b], 0, lk(b)) : lk(b);
+  }
+  // The key position of query 0 of sequence b (the causal, window and ALiBi alignment).
+  int64_t offset(int64_t b) const {
+    if (causal_from_length) return key_limit(b) - lq(b);
+    return bottom_right ? lk(b) - lq(b) : 0;
   }
   // One past the last key query row i of batch b may see (causal, window and key lengths).
   int64_t key_end(int64_t b, int64_t i) const {
     const int64_t lim = key_limit(b);
     int64_t end = lim;
-    if (causal) {
-      const int64_t offset = causal_from_length ? lim - Lq : causal_offset;
-      end = std::clamp<int64_t>(i + offset + 1, 0, lim);
-    }
-    if (window_right >= 0) end = std::min(end, std::clamp<int64_t>(i + win_offset(b) + window_right + 1, 0, lim));
+    if (causal) end = std::clamp<int64_t>(i + offset(b) + 1, 0, lim);
+    if (window_right >= 0) end = std::min(end, std::clamp<int64_t>(i + offset(b) + window_right + 1, 0, lim));
     return end;
   }
-  int64_t win_offset(int64_t b) const { return causal_from_length ? key_limit(b) - Lq : window_offset; }
   // The first key query row i of batch b may see (the window's left edge; 0 without one).
   int64_t key_begin(int64_t b, int64_t i) const {
-    return window_left >= 0 ? std::clamp<int64_t>(i + win_offset(b) - window_left, 0, Lk) : 0;
+    return window_left >= 0 ? std::clamp<int64_t>(i + offset(b) - window_left, 0, lk(b)) : 0;
   }
-  // The first query row that sees key j under the causal mask and the window's right edge.
-  int64_t first_query(int64_t j) const {
-    int64_t q0 = causal ? std::clamp<int64_t>(j - causal_offset, 0, Lq) : 0;
-    if (window_right >= 0) q0 = std::max(q0, std::clamp<int64_t>(j - window_offset - window_right, 0, Lq));
+  // The first query row of sequence b that sees key j under the causal mask and the
+  // window's right edge.
+  int64_t first_query(int64_t b, int64_t j) const {
+    const int64_t n = lq(b), off = offset(b);
+    int64_t q0 = causal ? std::clamp<int64_t>(j - off, 0, n) : 0;
+    if (window_right >= 0) q0 = std::max(q0, std::clamp<int64_t>(j - off - window_right, 0, n));
     return q0;
   }
-  // One past the last query row that sees key j (the window's left edge; Lq without one).
-  int64_t query_end(int64_t j) const {
-    return window_left >= 0 ? std::clamp<int64_t>(j - window_offset + window_left + 1, 0, Lq) : Lq;
+  // One past the last query row of sequence b that sees key j (the window's left edge).
+  int64_t query_end(int64_t b, int64_t j) const {
+    return window_left >= 0 ? std::clamp<int64_t>(j - offset(b) + window_left + 1, 0, lq(b)) : lq(b);
   }
 
   // What the boolean mask does to the tile of queries [i0, i0 + rows) x keys [j0, j0 + cols):
@@ -256,7 +268,7 @@ struct Masking {
     }
     if (alibi != nullptr) {  // -slope * |position of the query - position of the key|
       const scalar_t slope = static_cast<scalar_t>(alibi[b * alibi_sb + h]);
-      const scalar_t pos = static_cast<scalar_t>(i + win_offset(b) - j0);
+      const scalar_t pos = static_cast<scalar_t>(i + offset(b) - j0);
       for (int64_t j = lo; j < n; ++j) s[j] -= slope * std::abs(pos - static_cast<scalar_t>(j));
     }
   }
@@ -264,7 +276,10 @@ struct Masking {
   // The dropout multipliers of row i, keys [j0, j0 + cols): 0 (dropped) or 1 / (1 - p).
   void dropout_row(scalar_t* z, int64_t b, int64_t h, int64_t i, int64_t j0, int64_t cols) const {
     const scalar_t kept = scalar_t(1.0 / (1.0 - dropout_p));
-    const uint64_t row_block = rng_offset + static_cast<uint64_t>(((b * H + h) * Lq + i) * ((Lk + 3) / 4));
+    // the counters' row: (b, h, i) of a (B, H, Lq, Lk) batch; packed, row h * Lq + cu_q[b] + i
+    // of a (1, H, total, longest) one
+    const int64_t row = cu_q ? h * Lq + cu_q[b] + i : (b * H + h) * Lq + i;
+    const uint64_t row_block = rng_offset + static_cast<uint64_t>(row * ((Lk + 3) / 4));
     int64_t j = 0;
     while (j < cols) {
       const int64_t key = j0 + j;
