@@ -50,6 +50,22 @@ TORCH_LIBRARY(seqkernels, m) {
       "Tensor? key_lengths=None, float dropout_p=0., Tensor? rng_state=None, float softcap=0., "
       "int window_left=-1, int window_right=-1, Tensor? alibi_slopes=None) -> (Tensor, Tensor, Tensor)");
 
+  // Packed variable-length batches (flash-attn's flash_attn_varlen_func): q (total_q, H, D),
+  // k (total_k, Hk, D), v (total_k, Hk, Dv); sequence b is rows cu_seqlens_q[b] ..
+  // cu_seqlens_q[b + 1] - 1 of q and cu_seqlens_k[b] .. of k and v (int32, (B + 1,)), no
+  // longer than max_seqlen_q / max_seqlen_k. causal, the window and ALiBi are bottom-right on
+  // each sequence's own lengths. Returns out (total_q, H, Dv) and the LSE (H, total_q). The
+  // dropout counters are those of a (1, H, total_q, max_seqlen_k) batch.
+  m.def(
+      "flash_attention_varlen_forward(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
+      "int max_seqlen_q, int max_seqlen_k, bool causal, float scale, float dropout_p=0., Tensor? rng_state=None, "
+      "float softcap=0., int window_left=-1, int window_right=-1, Tensor? alibi_slopes=None) -> (Tensor, Tensor)");
+  m.def(
+      "flash_attention_varlen_backward(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, "
+      "Tensor out, Tensor lse, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, "
+      "bool causal, float scale, float dropout_p=0., Tensor? rng_state=None, float softcap=0., "
+      "int window_left=-1, int window_right=-1, Tensor? alibi_slopes=None) -> (Tensor, Tensor, Tensor)");
+
   // Attention against a KV cache (csrc/attention/kvcache_cpu.cpp, kernels/decode.py): the
   // new k/v (B, Hk, Lnew, D) or None are written in place into k_cache / v_cache at
   // positions cache_seqlens[b] .. + Lnew - 1, then q (B, H, Lq, D) attends to the first

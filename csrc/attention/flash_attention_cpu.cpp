@@ -523,11 +523,170 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_backward_cpu(
   return {dq, dk, dv};
 }
 
+// --- packed batches (varlen) ------------------------------------------------------------
+
+// A packed problem's inputs, checked: shapes, dtypes, devices, and the cu_seqlens values
+// (cu[0] = 0, non-decreasing, cu[B] = the rows given, no sequence longer than its max).
+struct Packed {
+  Dims d;
+  at::Tensor cu_q, cu_k;  // int32, contiguous
+};
+
+Packed check_varlen(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_q,
+                    const at::Tensor& cu_k, int64_t max_q, int64_t max_k, const char* op) {
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3, op, ": q, k, v must be 3-D (total, heads, head_dim)");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(), op,
+              ": q, k, v must have the same dtype");
+  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble, op,
+              " (CPU kernel): dtype must be float32 or float64, got ", q.scalar_type());
+  TORCH_CHECK(q.device() == k.device() && q.device() == v.device(), op, ": q, k, v must be on one device");
+  TORCH_CHECK(k.size(0) == v.size(0), op, ": k and v must have the same number of rows");
+  TORCH_CHECK(q.size(1) > 0 && k.size(1) > 0 && k.size(1) == v.size(1) && q.size(1) % k.size(1) == 0, op,
+              ": key/value heads must be equal and divide the query heads");
+  TORCH_CHECK(q.size(2) == k.size(2), op, ": q and k head dims differ");
+  TORCH_CHECK(q.size(2) > 0 && v.size(2) > 0, op, ": head dims must be positive");
+  for (const at::Tensor* t : {&cu_q, &cu_k}) {
+    TORCH_CHECK(t->scalar_type() == at::kInt && t->dim() == 1 && t->size(0) >= 1 && t->device() == q.device(), op,
+                ": cu_seqlens_q / cu_seqlens_k must be int32 tensors of shape (batch + 1,) on ", q.device(),
+                ", got ", t->scalar_type(), " of shape ", t->sizes());
+  }
+  TORCH_CHECK(cu_q.size(0) == cu_k.size(0), op, ": cu_seqlens_q and cu_seqlens_k must have the same length, got ",
+              cu_q.size(0), " and ", cu_k.size(0));
+  TORCH_CHECK_VALUE(max_q >= 0 && max_k >= 0, op, ": max_seqlen_q and max_seqlen_k must be >= 0");
+  Packed p;
+  p.cu_q = cu_q.contiguous();
+  p.cu_k = cu_k.contiguous();
+  const int64_t B = cu_q.size(0) - 1;
+  const struct {
+    const at::Tensor& cu;
+    int64_t rows, max;
+    const char* name;
+  } sides[2] = {{p.cu_q, q.size(0), max_q, "cu_seqlens_q"}, {p.cu_k, k.size(0), max_k, "cu_seqlens_k"}};
+  for (const auto& side : sides) {
+    const int32_t* c = side.cu.const_data_ptr<int32_t>();
+    TORCH_CHECK_VALUE(c[0] == 0, op, ": ", side.name, "[0] must be 0, got ", c[0]);
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t n = int64_t(c[b + 1]) - c[b];
+      TORCH_CHECK_VALUE(n >= 0, op, ": ", side.name, " must be non-decreasing, got ", c[b], " then ", c[b + 1]);
+      TORCH_CHECK_VALUE(n <= side.max, op, ": sequence ", b, " has ", n, " rows in ", side.name,
+                        ", more than its max_seqlen ", side.max);
+    }
+    TORCH_CHECK_VALUE(c[B] == side.rows, op, ": ", side.name, "[-1] = ", c[B], " must be the number of rows given, ",
+                      side.rows);
+  }
+  p.d = Dims{B, q.size(1), k.size(1), q.size(1) / k.size(1), q.size(0), max_k, q.size(2), v.size(2)};
+  return p;
+}
+
+Layout packed_layout(const Packed& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                     const at::Tensor& o) {
+  const int32_t* cq = p.cu_q.const_data_ptr<int32_t>();
+  const int32_t* ck = p.cu_k.const_data_ptr<int32_t>();
+  return {packed_rows(q, cq), packed_rows(k, ck), packed_rows(v, ck), packed_rows(o, cq),
+          packed_lse_rows(q.size(0), cq)};
+}
+
+template <typename scalar_t>
+attention::Masking<scalar_t> packed_masking(const Packed& p, bool causal, const MaskInputs& in, double dropout_p,
+                                            const std::optional<at::Tensor>& rng_state, double softcap,
+                                            int64_t window_left, int64_t window_right) {
+  // bottom-right on each sequence's own lengths (flash-attn's varlen convention)
+  auto m = make_masking<scalar_t>(p.d, causal, true, in, dropout_p, rng_state, softcap, window_left, window_right);
+  m.cu_q = p.cu_q.const_data_ptr<int32_t>();
+  m.cu_k = p.cu_k.const_data_ptr<int32_t>();
+  return m;
+}
+
+std::tuple<at::Tensor, at::Tensor> flash_attention_varlen_forward_cpu(
+    const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, const at::Tensor& cu_seqlens_q,
+    const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, bool causal, double scale,
+    double dropout_p, const std::optional<at::Tensor>& rng_state, double softcap, int64_t window_left,
+    int64_t window_right, const std::optional<at::Tensor>& alibi_slopes) {
+  constexpr const char* op = "flash_attention_varlen_forward";
+  const Packed p = check_varlen(q_, k_, v_, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, op);
+  const Dims& d = p.d;
+  const at::Tensor q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous();
+  MaskInputs in;
+  in.alibi = attention::checked_alibi_slopes(alibi_slopes, d.B, d.H, q, op);
+  at::Tensor out = new_output({d.Lq, d.H, d.Dv}, q.options());
+  at::Tensor lse = new_output({d.H, d.Lq}, q.options());
+  if (out.numel() == 0) return {out, lse};
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), op, [&] {
+    const auto mk = packed_masking<scalar_t>(p, causal, in, dropout_p, rng_state, softcap, window_left, window_right);
+    forward_kernel<scalar_t>(d, packed_layout(p, q, k, v, out), mk, q.const_data_ptr<scalar_t>(),
+                             k.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(),
+                             out.mutable_data_ptr<scalar_t>(), lse.mutable_data_ptr<scalar_t>(),
+                             static_cast<scalar_t>(scale));
+  });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_varlen_backward_cpu(
+    const at::Tensor& grad_out_, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q_,
+    const at::Tensor& k_, const at::Tensor& v_, const at::Tensor& out_, const at::Tensor& lse_,
+    const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
+    bool causal, double scale, double dropout_p, const std::optional<at::Tensor>& rng_state, double softcap,
+    int64_t window_left, int64_t window_right, const std::optional<at::Tensor>& alibi_slopes) {
+  constexpr const char* op = "flash_attention_varlen_backward";
+  const Packed p = check_varlen(q_, k_, v_, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, op);
+  const Dims& d = p.d;
+  const at::Tensor q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous();
+  check_arg(grad_out_, op, "grad_out", {d.Lq, d.H, d.Dv}, q);
+  check_arg(out_, op, "out", {d.Lq, d.H, d.Dv}, q);
+  TORCH_CHECK(lse_.sizes() == at::IntArrayRef({d.H, d.Lq}) && at::isFloatingType(lse_.scalar_type()) &&
+                  lse_.device() == q.device(),
+              op, ": lse must be a floating tensor of shape (H, total_q) = ", at::IntArrayRef({d.H, d.Lq}), ", got ",
+              lse_.scalar_type(), " of shape ", lse_.sizes());
+  const bool has_glse = grad_lse.has_value() && grad_lse->defined();
+  if (has_glse) {
+    TORCH_CHECK(grad_lse->sizes() == lse_.sizes() && at::isFloatingType(grad_lse->scalar_type()) &&
+                    grad_lse->device() == q.device(),
+                op, ": grad_lse must be a floating tensor of lse's shape ", lse_.sizes(), ", got ",
+                grad_lse->scalar_type(), " of shape ", grad_lse->sizes());
+  }
+  MaskInputs in;
+  in.alibi = attention::checked_alibi_slopes(alibi_slopes, d.B, d.H, q, op);
+  const at::Tensor dout = grad_out_.contiguous();
+  const at::Tensor lse = lse_.contiguous().to(q.scalar_type());
+  // delta in the LSE's (H, total_q) layout
+  at::Tensor delta = (dout * out_).sum(-1).t();
+  if (has_glse) delta = delta - grad_lse->to(q.scalar_type());
+  delta = delta.contiguous();
+  const int64_t tasks = d.B * d.Hk, threads = at::get_num_threads();
+  const int64_t nkb = (d.Lk + kBwdK - 1) / kBwdK;
+  int64_t nchunks = 1;
+  if (tasks % threads != 0 && tasks < 4 * threads) {
+    nchunks = std::max<int64_t>(1, std::min<int64_t>(nkb, (4 * threads + tasks - 1) / std::max<int64_t>(tasks, 1)));
+  }
+  at::Tensor dq = new_output(q.sizes(), q.options());
+  at::Tensor dq_parts = nchunks == 1 ? dq.zero_() : at::zeros({nchunks, d.Lq, d.H, d.D}, q.options());
+  at::Tensor dk = new_output(k.sizes(), q.options());
+  at::Tensor dv = new_output(v.sizes(), q.options());
+  if (q.numel() == 0 || k.numel() == 0) {
+    dk.zero_();
+    dv.zero_();
+    return {dq.zero_(), dk, dv};
+  }
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), op, [&] {
+    const auto mk = packed_masking<scalar_t>(p, causal, in, dropout_p, rng_state, softcap, window_left, window_right);
+    backward_kernel<scalar_t>(d, packed_layout(p, q, k, v, dout), mk, nchunks, q.const_data_ptr<scalar_t>(),
+                              k.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(),
+                              dout.const_data_ptr<scalar_t>(), lse.const_data_ptr<scalar_t>(),
+                              delta.const_data_ptr<scalar_t>(), dq_parts.mutable_data_ptr<scalar_t>(), q.numel(),
+                              dk.mutable_data_ptr<scalar_t>(), dv.mutable_data_ptr<scalar_t>(),
+                              static_cast<scalar_t>(scale));
+  });
+  if (nchunks > 1) at::sum_out(dq, dq_parts, {0});
+  return {dq, dk, dv};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(seqkernels, CPU, m) {
   m.impl("flash_attention_forward", &flash_attention_forward_cpu);
   m.impl("flash_attention_backward", &flash_attention_backward_cpu);
+  m.impl("flash_attention_varlen_forward", &flash_attention_varlen_forward_cpu);
+  m.impl("flash_attention_varlen_backward", &flash_attention_varlen_backward_cpu);
 }
 
 }  // namespace seqkernels

@@ -16,10 +16,11 @@ from . import nn, reference
 from ._info import build_info
 from .ops.attention import flash_attention
 from .ops.decode import flash_attention_with_kvcache
+from .ops.varlen import flash_attention_varlen
 from .ops.sdpa import scaled_dot_product_attention
 from .ops.rnn import lstm, lstm_cell, rnn, rnn_cell
 from . import errors
 
 
-__all__ = ["__version__", "build_info", "errors", "flash_attention", "flash_attention_with_kvcache", "lstm", "lstm_cell", "nn", "reference", "rnn", "rnn_cell",
+__all__ = ["__version__", "build_info", "errors", "flash_attention", "flash_attention_varlen", "flash_attention_with_kvcache", "lstm", "lstm_cell", "nn", "reference", "rnn", "rnn_cell",
            "scaled_dot_product_attention"]

@@ -162,8 +162,10 @@ def _bwd_cuda(grad_out, grad_lse, q, k, v, out, lse, causal, bottom_right, scale
 
 # --- argument checks -------------------------------------------------------------------------
 
-def check_attention_inputs(q: Tensor, k: Tensor, v: Tensor, fn: str = "flash_attention") -> None:
-    """Raise a ValueError/TypeError naming the argument for anything the kernels do not take.
+def check_attention_inputs(q: Tensor, k: Tensor, v: Tensor, fn: str = "flash_attention", packed: bool = False) -> None:
+    """Raise a ValueError/TypeError naming the argument for anything the kernels do not take:
+    (batch, heads, seq, head_dim) tensors, or with ``packed`` the varlen layout (total,
+    heads, head_dim), where empty batches are allowed.
 
     Written for a decode step's fixed cost: the shapes are read once, and the messages are
     only formatted on failure."""
@@ -171,9 +173,11 @@ def check_attention_inputs(q: Tensor, k: Tensor, v: Tensor, fn: str = "flash_att
         if not isinstance(t, Tensor):
             raise ArgumentTypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
     qs, ks, vs = q.shape, k.shape, v.shape
-    if len(qs) != 4 or len(ks) != 4 or len(vs) != 4:
-        name, t = next((n, t) for n, t in (("q", qs), ("k", ks), ("v", vs)) if len(t) != 4)
-        raise ArgumentError(f"{fn}: {name} must be 4-D (batch, heads, seq, head_dim), got shape {tuple(t)}")
+    rank = 3 if packed else 4
+    if len(qs) != rank or len(ks) != rank or len(vs) != rank:
+        name, t = next((n, t) for n, t in (("q", qs), ("k", ks), ("v", vs)) if len(t) != rank)
+        layout = "(total, heads, head_dim)" if packed else "(batch, heads, seq, head_dim)"
+        raise ArgumentError(f"{fn}: {name} must be {rank}-D {layout}, got shape {tuple(t)}")
     dt = q.dtype
     if dt not in _DTYPES or k.dtype != dt or v.dtype != dt:
         for name, t in (("q", q), ("k", k), ("v", v)):
@@ -182,19 +186,23 @@ def check_attention_inputs(q: Tensor, k: Tensor, v: Tensor, fn: str = "flash_att
         raise ArgumentTypeError(f"{fn}: q, k and v must have the same dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
         raise ArgumentError(f"{fn}: q, k and v must be on the same device, got {q.device}, {k.device}, {v.device}")
-    B, H, Lq, D = qs
-    Bk, Hk, Lk, Dk = ks
-    Bv, Hv, Lv, Dv = vs
-    if not (B == Bk == Bv):
-        raise ArgumentError(f"{fn}: batch sizes differ: q {B}, k {Bk}, v {Bv}")
+    if packed:
+        (_, H, D), (Lk, Hk, Dk), (Lv, Hv, Dv) = qs, ks, vs
+        if Lk != Lv:
+            raise ArgumentError(f"{fn}: k and v must have the same number of rows, got {Lk} and {Lv}")
+    else:
+        (B, H, Lq, D), (Bk, Hk, Lk, Dk), (Bv, Hv, Lv, Dv) = qs, ks, vs
+        if not (B == Bk == Bv):
+            raise ArgumentError(f"{fn}: batch sizes differ: q {B}, k {Bk}, v {Bv}")
     if Hk != Hv:
         raise ArgumentError(f"{fn}: k and v must have the same number of heads, got {Hk} and {Hv}")
-    if Hk == 0 or H % Hk != 0:
+    if Hk == 0 or H % Hk != 0 or H == 0:
         raise ArgumentError(f"{fn}: the query heads ({H}) must be a multiple of the key/value heads ({Hk})")
-    if Lk != Lv:
-        raise ArgumentError(f"{fn}: k and v must have the same length, got {Lk} and {Lv}")
-    if Lq == 0 or Lk == 0:
-        raise ArgumentError(f"{fn}: sequence lengths must be at least 1, got q {Lq} and k {Lk}")
+    if not packed:
+        if Lk != Lv:
+            raise ArgumentError(f"{fn}: k and v must have the same length, got {Lk} and {Lv}")
+        if Lq == 0 or Lk == 0:
+            raise ArgumentError(f"{fn}: sequence lengths must be at least 1, got q {Lq} and k {Lk}")
     if D != Dk:
         raise ArgumentError(f"{fn}: q and k head dims differ: {D} and {Dk}")
     top = MAX_HEAD_DIM_CPU if q.device.type == "cpu" else MAX_HEAD_DIM
@@ -297,6 +305,24 @@ def _new_rng_state() -> Tensor:
     return seed * torch.tensor([1, 0], dtype=torch.int64)
 
 
+def _dropout_args(dropout_p) -> tuple[float, Optional[Tensor], bool]:
+    """(p for the op, its rng_state or None, whether every probability is dropped: p >= 1,
+    which the ops do not take; the caller zeroes the output as torch does)."""
+    drop_all = dropout_p >= 1.0
+    p = 0.0 if drop_all else float(dropout_p)
+    return p, (_new_rng_state() if p > 0.0 else None), drop_all
+
+
+def call_forward(op, args, q, k, v):
+    """op(*args), skipping the Python autograd layer when there is nothing to differentiate
+    (inference, decoding): several microseconds of a decode step's fixed cost."""
+    if not torch.compiler.is_compiling() and not (
+            torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
+        with torch._C._AutoDispatchBelowAutograd():
+            return op(*args)
+    return op(*args)
+
+
 def _attention(q, k, v, causal, bottom_right, scale, attn_mask, key_lengths, dropout_p, softcap=0.0,
                window=(-1, -1), alibi_slopes=None):
     """Run the op on checked 4-D inputs; returns (out in q's dtype, lse)."""
@@ -312,19 +338,10 @@ def _attention(q, k, v, causal, bottom_right, scale, attn_mask, key_lengths, dro
         q, k, v = q.float(), k.float(), v.float()
         if attn_mask is not None and attn_mask.dtype != torch.bool:
             attn_mask = attn_mask.float()
-    drop_all = dropout_p >= 1.0
-    p = 0.0 if drop_all else float(dropout_p)
-    rng_state = _new_rng_state() if p > 0.0 else None
+    p, rng_state, drop_all = _dropout_args(dropout_p)
     args = (q, k, v, bool(causal), bool(bottom_right), scale, attn_mask, key_lengths, p, rng_state, float(softcap),
             int(window[0]), int(window[1]), alibi_slopes)
-    if not torch.compiler.is_compiling() and not (
-            torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
-        # nothing to differentiate (inference, decoding): skip the Python autograd layer of the
-        # op, several microseconds of a decode step's fixed cost
-        with torch._C._AutoDispatchBelowAutograd():
-            out, lse = _fwd(*args)
-    else:
-        out, lse = _fwd(*args)
+    out, lse = call_forward(_fwd, args, q, k, v)
     if drop_all:  # every probability dropped: torch gives zeros (and zero gradients)
         out = out * 0
     return (out if out.dtype == dtype else out.to(dtype)), lse

@@ -3,7 +3,7 @@
 They depend on nothing else in seqkernels and are the oracle of every test.
 """
 
-from .attention import causal_mask, flash_attention, kvcache_attention, scaled_dot_product_attention
+from .attention import causal_mask, flash_attention, kvcache_attention, scaled_dot_product_attention, varlen_attention
 from .philox import dropout_keep_mask, philox4x32_10
 from .rnn import lstm, lstm_cell, rnn, rnn_cell, weights_from_module
 from .transformer import (
@@ -28,5 +28,6 @@ __all__ = [
     "scaled_dot_product_attention",
     "transformer_decoder_layer",
     "transformer_encoder_layer",
+    "varlen_attention",
     "weights_from_module",
 ]

@@ -228,3 +228,56 @@ def kvcache_attention(
         outs.append(o)
         lses.append(lse)
     return torch.cat(outs), torch.cat(lses), k_cache, v_cache
+
+
+def varlen_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    causal: bool = False,
+    scale: Optional[float] = None,
+    *,
+    softcap: float = 0.0,
+    window: tuple[int, int] = (-1, -1),
+    alibi_slopes: Optional[Tensor] = None,
+    dropout_p: float = 0.0,
+    dropout_mask: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor]:
+    """The semantics of :func:`seqkernels.flash_attention_varlen`, one sequence at a time.
+
+    Packed batches (flash-attn's layout): q (total_q, H, D), k (total_k, Hk, D), v (total_k,
+    Hk, Dv); sequence b is rows cu_seqlens_q[b] .. cu_seqlens_q[b + 1] - 1 of q and the same
+    of cu_seqlens_k for k and v. Each sequence is :func:`flash_attention` on its own (causal,
+    the window and ALiBi bottom-right on its own lengths; ``alibi_slopes`` (H,) or (B, H)).
+    ``dropout_mask`` (1, H, total_q, >= the longest key sequence), boolean, True = kept: row
+    cu_seqlens_q[b] + i, key j of sequence b.
+
+    Returns (out (total_q, H, Dv), lse (H, total_q)); a sequence without keys gives zero
+    rows and LSE -inf.
+    """
+    cq = [int(x) for x in cu_seqlens_q.tolist()]
+    ck = [int(x) for x in cu_seqlens_k.tolist()]
+    H, Dv = q.shape[1], v.shape[2]
+    out = q.new_zeros(q.shape[0], H, Dv)
+    lse = torch.full((H, q.shape[0]), float("-inf"), dtype=q.dtype, device=q.device)
+    outs, lses = [], []
+    for b in range(len(cq) - 1):
+        qs, ks = slice(cq[b], cq[b + 1]), slice(ck[b], ck[b + 1])
+        if cq[b + 1] == cq[b] or ck[b + 1] == ck[b]:
+            outs.append(out[qs])
+            lses.append(lse[:, qs])
+            continue
+        slopes = alibi_slopes
+        if slopes is not None and slopes.dim() == 2:
+            slopes = slopes[b:b + 1]
+        keep = None if dropout_mask is None else dropout_mask[:, :, qs, :ck[b + 1] - ck[b]]
+        o, l = flash_attention(q[qs].transpose(0, 1)[None], k[ks].transpose(0, 1)[None], v[ks].transpose(0, 1)[None],
+                               causal=causal, scale=scale, softcap=softcap, window=window, alibi_slopes=slopes,
+                               dropout_p=dropout_p, dropout_mask=keep)
+        outs.append(o[0].transpose(0, 1))
+        lses.append(l[0])
+    if not outs:
+        return out, lse
+    return torch.cat(outs), torch.cat(lses, dim=1)
