@@ -58,11 +58,11 @@ TORCH_LIBRARY(seqkernels, m) {
   // dropout counters are those of a (1, H, total_q, max_seqlen_k) batch.
   m.def(
       "flash_attention_varlen_forward(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
-      "int max_seqlen_q, int max_seqlen_k, bool causal, float scale, float dropout_p=0., Tensor? rng_state=None, "
+      "SymInt max_seqlen_q, SymInt max_seqlen_k, bool causal, float scale, float dropout_p=0., Tensor? rng_state=None, "
       "float softcap=0., int window_left=-1, int window_right=-1, Tensor? alibi_slopes=None) -> (Tensor, Tensor)");
   m.def(
       "flash_attention_varlen_backward(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, "
-      "Tensor out, Tensor lse, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, "
+      "Tensor out, Tensor lse, Tensor cu_seqlens_q, Tensor cu_seqlens_k, SymInt max_seqlen_q, SymInt max_seqlen_k, "
       "bool causal, float scale, float dropout_p=0., Tensor? rng_state=None, float softcap=0., "
       "int window_left=-1, int window_right=-1, Tensor? alibi_slopes=None) -> (Tensor, Tensor, Tensor)");
 

@@ -83,7 +83,6 @@ def _check_values_eager(q, k, cu_q, cu_k, max_q, max_k, fn):
         _check_cu_values(cu, rows, top, name, fn)
 
 
-@torch.library.impl("seqkernels::flash_attention_varlen_forward", "CUDA")
 def _fwd_cuda(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, dropout_p=0.0, rng_state=None, softcap=0.0, wl=-1,
               wr=-1, alibi_slopes=None):
     _check_values_eager(q, k, cu_q, cu_k, max_q, max_k, "flash_attention_varlen_forward")
@@ -91,7 +90,6 @@ def _fwd_cuda(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, dropout_p=0.0, r
                          alibi_slopes)
 
 
-@torch.library.impl("seqkernels::flash_attention_varlen_backward", "CUDA")
 def _bwd_cuda(grad_out, grad_lse, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale, dropout_p=0.0,
               rng_state=None, softcap=0.0, wl=-1, wr=-1, alibi_slopes=None):
     _check_values_eager(q, k, cu_q, cu_k, max_q, max_k, "flash_attention_varlen_backward")
@@ -104,6 +102,10 @@ def _bwd_cuda(grad_out, grad_lse, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, c
             outs.append(torch.where(torch.isfinite(l), l, torch.zeros_like(l)))
             grads.append(grad_lse.to(l.dtype))
         return tuple(g.contiguous() for g in torch.autograd.grad(outs, (qw, kw, vw), grads, allow_unused=True))
+
+
+torch.library.impl("seqkernels::flash_attention_varlen_forward", "CUDA", func=_fwd_cuda)
+torch.library.impl("seqkernels::flash_attention_varlen_backward", "CUDA", func=_bwd_cuda)
 
 
 # --- argument checks ---------------------------------------------------------------------
