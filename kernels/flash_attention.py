@@ -20,7 +20,12 @@ so scaled by log2(e) here), read through four strides (0 on broadcast dims); HAS
 (per-batch key lengths: the key loops stop at the length, so padded keys cost nothing);
 DROPOUT (Philox through tl.randint4x with the counter convention of
 csrc/attention/masking.h and seqkernels.reference.philox, so GPU, CPU and the Python
-reference draw the same mask; regenerated in both backward kernels, never stored).
+reference draw the same mask; regenerated in both backward kernels, never stored);
+SOFTCAP (scores s -> softcap * tanh(s / softcap) before every mask, the backward through
+its slope 1 - tanh^2); WINDOW (flash-attn's sliding window: query i sees keys
+i + offset - wl .. i + offset + wr, -1 = unbounded; the key and query loops cover only the
+tiles inside it); ALIBI (score -= slope[b, h] * |i + offset - j|, slopes fp32 at
+AL + b * sab + h).
 
 Layout: q (B, H, Lq, D), k (B, Hk, Lk, D), v (B, Hk, Lk, Dv), any strides with unit
 stride in the last dim; Hk divides H. Causal: query i sees key j when j <= i + offset,
@@ -81,13 +86,36 @@ def _key_limit(KL, b, Lk, HAS_LENGTHS: tl.constexpr):
 
 
 @triton.jit
-def _mask_scores(s, b, h, rows, cols, Lq, Lk, kl, offset, M, smb, smh, smm, smn,
-                 CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr):
+def _tanh(x):
+    """tanh through exp2 (tl has none): 1 - 2 / (e^2x + 1); +-1 at large |x|, NaN kept."""
+    return 1.0 - 2.0 / (tl.exp2(x * 2.8853900817779268) + 1.0)
+
+
+@triton.jit
+def _logits(s, qk_scale, softcap, SOFTCAP: tl.constexpr):
+    """Raw products q.k -> base-2 logits (qk_scale = scale * log2(e)), capped with SOFTCAP:
+    (softcap * tanh(scale * s / softcap) * log2(e), the tanh); (s * qk_scale, s) when off."""
+    if SOFTCAP:
+        t = _tanh(s * (qk_scale * 0.6931471805599453 / softcap))
+        return t * (softcap * 1.4426950408889634), t
+    return s * qk_scale, s
+
+
+@triton.jit
+def _mask_scores(s, b, h, rows, cols, Lq, Lk, kl, offset, M, smb, smh, smm, smn, wl, wr, AL, sab,
+                 CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, WINDOW: tl.constexpr, ALIBI: tl.constexpr):
     """Scores s (base-2 units) of the tile rows x cols with every mask applied: -inf where a
-    key is out of range, padding, causally hidden or masked off; the additive mask added."""
+    key is out of range, padding, causally hidden, outside the window or masked off; the
+    additive mask and ALiBi added."""
     valid = cols[None, :] < kl
+    pos = rows[:, None] + offset  # the key position of each query row
     if CAUSAL:
-        valid = valid & (cols[None, :] <= rows[:, None] + offset)
+        valid = valid & (cols[None, :] <= pos)
+    if WINDOW:
+        valid = valid & ((wl < 0) | (cols[None, :] >= pos - wl)) & ((wr < 0) | (cols[None, :] <= pos + wr))
+    if ALIBI:
+        slope = tl.load(AL + b * sab + h) * 1.4426950408889634
+        s = s - slope * tl.abs(pos - cols[None, :]).to(tl.float32)
     if MASK_KIND != 0:
         # indices clamped into the mask instead of a load predicate (fewer live registers);
         # the entries read for rows/keys out of range are never used
@@ -99,6 +127,20 @@ def _mask_scores(s, b, h, rows, cols, Lq, Lk, kl, offset, M, smb, smh, smm, smn,
         else:
             s = s + tl.load(ptrs).to(tl.float32) * 1.4426950408889634
     return tl.where(valid, s, float("-inf"))
+
+
+@triton.jit
+def _key_range(pid_m, Lk, kl, offset, wl, wr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """[start, end) of the keys any query of block pid_m can see, start a multiple of BLOCK_N."""
+    kend = tl.minimum(_causal_key_end(pid_m, Lk, offset, CAUSAL, BLOCK_M), kl)
+    start = 0
+    if WINDOW:
+        if wr >= 0:
+            kend = tl.minimum(kend, tl.maximum(0, (pid_m + 1) * BLOCK_M + offset + wr))
+        if wl >= 0:
+            start = tl.maximum(0, pid_m * BLOCK_M + offset - wl) // BLOCK_N * BLOCK_N
+    return start, kend
 
 
 @triton.jit
@@ -134,9 +176,11 @@ def _query_side(Q, DO, LSE, DELTA, q_off, do_off, sqm, sdm, bh, rows, Lq, offs_d
 def _attn_fwd(Q, K, V, O, LSE, M, KL,
               sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som, smb, smh, smm, smn,
               H, G, Lq, Lk, D, DV, offset, qk_scale, seed, rng_offset, threshold, drop_scale,
+              AL, sab, softcap, wl, wr,
               CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, F32: tl.constexpr,
-              MASK_KIND: tl.constexpr = 0, HAS_LENGTHS: tl.constexpr = False, DROPOUT: tl.constexpr = False):
+              MASK_KIND: tl.constexpr = 0, HAS_LENGTHS: tl.constexpr = False, DROPOUT: tl.constexpr = False,
+              SOFTCAP: tl.constexpr = False, WINDOW: tl.constexpr = False, ALIBI: tl.constexpr = False):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -154,16 +198,17 @@ def _attn_fwd(Q, K, V, O, LSE, M, KL,
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     kl = _key_limit(KL, b, Lk, HAS_LENGTHS)
-    kend = tl.minimum(_causal_key_end(pid_m, Lk, offset, CAUSAL, BLOCK_M), kl)
-    for start_n in range(0, kend, BLOCK_N):
+    kstart, kend = _key_range(pid_m, Lk, kl, offset, wl, wr, CAUSAL, WINDOW, BLOCK_M, BLOCK_N)
+    for start_n in range(kstart, kend, BLOCK_N):
         cols = start_n + offs_n
         k = _load_rows_t(k_base, cols, Lk, skn, offs_d, D)  # (BLOCK_D, BLOCK_N)
         if F32:
             s = tl.dot(q, k, input_precision=F32_PRECISION)
         else:
             s = tl.dot(q, k)
-        s = _mask_scores(s * qk_scale, b, h, offs_m, cols, Lq, Lk, kl, offset, M, smb, smh, smm, smn,
-                         CAUSAL, MASK_KIND)  # base-2 logits
+        s, _ = _logits(s, qk_scale, softcap, SOFTCAP)
+        s = _mask_scores(s, b, h, offs_m, cols, Lq, Lk, kl, offset, M, smb, smh, smm, smn,
+                         wl, wr, AL, sab, CAUSAL, MASK_KIND, WINDOW, ALIBI)  # base-2 logits
         # NaN in a score must reach the row: the running max propagates it explicitly (and
         # exp2(NaN - m) carries it into l and acc even where a max reduction drops it)
         m_new = tl.maximum(m_i, tl.max(s, 1), propagate_nan=tl.PropagateNan.ALL)
@@ -208,16 +253,20 @@ def _attn_bwd_preprocess(O, DO, DLSE, DELTA, sob, soh, som, sdb, sdh, sdm, H, Lq
 
 @triton.jit
 def _probs_and_dscores(q, k, v, do, lse2, delta, b, h, bh, rows, cols, Lq, Lk, kl, offset, qk_scale,
-                       M, smb, smh, smm, smn, seed, rng_offset, threshold, drop_scale, start_n,
+                       M, smb, smh, smm, smn, seed, rng_offset, threshold, drop_scale, start_n, AL, sab, softcap, wl, wr,
                        CAUSAL: tl.constexpr, F32: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
+                       SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, ALIBI: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """For one tile: the probabilities as the output used them (P, or P * Z with the dropout
-    multipliers Z) and dS = P * (dO V^T * Z - delta)."""
+    multipliers Z) and dS = P * (dO V^T * Z - delta), times the cap's slope 1 - tanh^2 with
+    SOFTCAP (dS is then the gradient of the scores before the cap)."""
     if F32:
         s = tl.dot(q, k, input_precision=F32_PRECISION)
     else:
         s = tl.dot(q, k)
-    s = _mask_scores(s * qk_scale, b, h, rows, cols, Lq, Lk, kl, offset, M, smb, smh, smm, smn, CAUSAL, MASK_KIND)
+    s, t = _logits(s, qk_scale, softcap, SOFTCAP)
+    s = _mask_scores(s, b, h, rows, cols, Lq, Lk, kl, offset, M, smb, smh, smm, smn,
+                     wl, wr, AL, sab, CAUSAL, MASK_KIND, WINDOW, ALIBI)
     p = tl.exp2(s - lse2[:, None])  # exactly 0 where s = -inf
     if F32:
         dp = tl.dot(do, v, input_precision=F32_PRECISION)
@@ -226,8 +275,12 @@ def _probs_and_dscores(q, k, v, do, lse2, delta, b, h, bh, rows, cols, Lq, Lk, k
     if DROPOUT:
         keep = _dropout_keep(bh, rows, start_n, Lq, Lk, seed, rng_offset, threshold, BLOCK_M, BLOCK_N)
         z = tl.where(keep, drop_scale, 0.0)
-        return p * z, p * (dp * z - delta[:, None])
-    return p, p * (dp - delta[:, None])
+        p_used, ds = p * z, p * (dp * z - delta[:, None])
+    else:
+        p_used, ds = p, p * (dp - delta[:, None])
+    if SOFTCAP:
+        ds = ds * (1.0 - t * t)
+    return p_used, ds
 
 
 @triton.jit
@@ -235,9 +288,11 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV_, M, KL,
                    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdb, sdh, sdm,
                    sdkb, sdkh, sdkn, sdvb, sdvh, sdvn, smb, smh, smm, smn,
                    H, Hk, G, Lq, Lk, D, DV, offset, qk_scale, scale, seed, rng_offset, threshold, drop_scale,
+                   AL, sab, softcap, wl, wr,
                    CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, F32: tl.constexpr,
-                   MASK_KIND: tl.constexpr = 0, HAS_LENGTHS: tl.constexpr = False, DROPOUT: tl.constexpr = False):
+                   MASK_KIND: tl.constexpr = 0, HAS_LENGTHS: tl.constexpr = False, DROPOUT: tl.constexpr = False,
+                   SOFTCAP: tl.constexpr = False, WINDOW: tl.constexpr = False, ALIBI: tl.constexpr = False):
     pid_n = tl.program_id(0)
     bhk = tl.program_id(1)
     b = bhk // Hk
@@ -257,6 +312,11 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV_, M, KL,
     end_m = Lq
     if HAS_LENGTHS:  # a block of padding keys: zero gradients, no work
         end_m = tl.where(pid_n * BLOCK_N < kl, Lq, 0)
+    if WINDOW:  # only the query blocks whose windows reach this key block
+        if wr >= 0:  # the first query with j <= i + offset + wr
+            start_m = tl.maximum(start_m, tl.maximum(0, pid_n * BLOCK_N - offset - wr) // BLOCK_M * BLOCK_M)
+        if wl >= 0:  # one past the last query with j >= i + offset - wl, j the block's last key
+            end_m = tl.minimum(end_m, tl.maximum(0, (pid_n + 1) * BLOCK_N - 1 - offset + wl + 1))
     for g in range(0, G):
         h = hk * G + g
         bh = b * H + h
@@ -266,7 +326,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV_, M, KL,
                                              bh, rows, Lq, offs_d, D, offs_dv, DV)
             p, ds = _probs_and_dscores(q, k, v, do, lse2, delta, b, h, bh, rows, cols, Lq, Lk, kl, offset, qk_scale,
                                        M, smb, smh, smm, smn, seed, rng_offset, threshold, drop_scale,
-                                       pid_n * BLOCK_N, CAUSAL, F32, MASK_KIND, DROPOUT, BLOCK_M, BLOCK_N)
+                                       pid_n * BLOCK_N, AL, sab, softcap, wl, wr, CAUSAL, F32, MASK_KIND, DROPOUT,
+                                       SOFTCAP, WINDOW, ALIBI, BLOCK_M, BLOCK_N)
             if F32:
                 dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=F32_PRECISION)
                 dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=F32_PRECISION)
@@ -284,9 +345,11 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV_, M, KL,
 def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, M, KL,
                  sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdb, sdh, sdm, sdqb, sdqh, sdqm, smb, smh, smm, smn,
                  H, G, Lq, Lk, D, DV, offset, qk_scale, scale, seed, rng_offset, threshold, drop_scale,
+                 AL, sab, softcap, wl, wr,
                  CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, F32: tl.constexpr,
-                 MASK_KIND: tl.constexpr = 0, HAS_LENGTHS: tl.constexpr = False, DROPOUT: tl.constexpr = False):
+                 MASK_KIND: tl.constexpr = 0, HAS_LENGTHS: tl.constexpr = False, DROPOUT: tl.constexpr = False,
+                 SOFTCAP: tl.constexpr = False, WINDOW: tl.constexpr = False, ALIBI: tl.constexpr = False):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -300,16 +363,17 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, M, KL,
                                      bh, rows, Lq, offs_d, D, offs_dv, DV)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     kl = _key_limit(KL, b, Lk, HAS_LENGTHS)
-    kend = tl.minimum(_causal_key_end(pid_m, Lk, offset, CAUSAL, BLOCK_M), kl)
+    kstart, kend = _key_range(pid_m, Lk, kl, offset, wl, wr, CAUSAL, WINDOW, BLOCK_M, BLOCK_N)
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
-    for start_n in range(0, kend, BLOCK_N):
+    for start_n in range(kstart, kend, BLOCK_N):
         cols = start_n + offs_n
         kt = _load_rows_t(k_base, cols, Lk, skn, offs_d, D)     # (BLOCK_D, BLOCK_N)
         vt = _load_rows_t(v_base, cols, Lk, svn, offs_dv, DV)   # (BLOCK_DV, BLOCK_N)
         p, ds = _probs_and_dscores(q, kt, vt, do, lse2, delta, b, h, bh, rows, cols, Lq, Lk, kl, offset, qk_scale,
                                    M, smb, smh, smm, smn, seed, rng_offset, threshold, drop_scale,
-                                   start_n, CAUSAL, F32, MASK_KIND, DROPOUT, BLOCK_M, BLOCK_N)
+                                   start_n, AL, sab, softcap, wl, wr, CAUSAL, F32, MASK_KIND, DROPOUT,
+                                   SOFTCAP, WINDOW, ALIBI, BLOCK_M, BLOCK_N)
         if F32:
             dq += tl.dot(ds.to(q.dtype), tl.trans(kt), input_precision=F32_PRECISION)
         else:
@@ -437,8 +501,10 @@ def _prep(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _extras(q, k, attn_mask, key_lengths, dropout_p, rng_state) -> tuple[list, list, dict]:
-    """The kernels' optional arguments: pointers (M, KL), mask strides, dropout scalars, flags."""
+def _extras(q, k, attn_mask, key_lengths, dropout_p, rng_state, softcap=0.0, window_left=-1, window_right=-1,
+            alibi_slopes=None) -> tuple[list, list, list, dict]:
+    """The kernels' optional arguments: pointers (M, KL), mask strides, the dropout scalars
+    followed by (AL, sab, softcap, wl, wr), and the flags."""
     B, H, Lq, Lk = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
     mask_kind, strides = 0, [0, 0, 0, 0]
     if attn_mask is not None:
@@ -453,20 +519,33 @@ def _extras(q, k, attn_mask, key_lengths, dropout_p, rng_state) -> tuple[list, l
         seed, offset = (int(x) for x in rng_state.tolist())
         threshold, drop_scale = dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p)
     pointers = [attn_mask if attn_mask is not None else q, key_lengths if key_lengths is not None else q]
-    flags = dict(MASK_KIND=mask_kind, HAS_LENGTHS=key_lengths is not None, DROPOUT=dropout_p > 0.0)
-    return pointers, strides, [seed, offset, threshold, drop_scale], flags
+    window = window_left >= 0 or window_right >= 0
+    flags = dict(MASK_KIND=mask_kind, HAS_LENGTHS=key_lengths is not None, DROPOUT=dropout_p > 0.0,
+                 SOFTCAP=softcap > 0.0, WINDOW=window, ALIBI=alibi_slopes is not None)
+    al = alibi_slopes.contiguous() if alibi_slopes is not None else _placeholder(q)
+    sab = alibi_slopes.shape[1] if alibi_slopes is not None and alibi_slopes.dim() == 2 else 0
+    scalars = [seed, offset, threshold, drop_scale, al, sab, float(softcap) if softcap > 0.0 else 1.0,
+               int(window_left), int(window_right)]
+    return pointers, strides, scalars, flags
+
+
+def _placeholder(q):
+    """An fp32 pointer for a disabled pointer argument (never read)."""
+    return torch.empty(1, dtype=torch.float32, device=q.device)
 
 
 def _any(flags: dict) -> bool:
-    return bool(flags["MASK_KIND"] or flags["HAS_LENGTHS"] or flags["DROPOUT"])
+    return any(bool(v) for v in flags.values())
 
 
 def forward(q, k, v, causal: bool, bottom_right: bool, scale: float, attn_mask=None, key_lengths=None,
-            dropout_p: float = 0.0, rng_state=None):
+            dropout_p: float = 0.0, rng_state=None, softcap: float = 0.0, window_left: int = -1,
+            window_right: int = -1, alibi_slopes=None):
     """Returns (out (B, H, Lq, Dv) in q's dtype, lse (B, H, Lq) fp32).
 
     attn_mask: 4-D, each dim 1 or full, bool or additive; key_lengths: (B,) int64;
-    dropout_p with rng_state = [seed, offset] (a CPU int64 tensor)."""
+    dropout_p with rng_state = [seed, offset] (a CPU int64 tensor); softcap > 0; the window
+    (-1 = unbounded); alibi_slopes fp32 (H,) or (B, H)."""
     from seqkernels.testing import poisoned_empty
 
     q, k, v = _prep(q), _prep(k), _prep(v)
@@ -476,7 +555,8 @@ def forward(q, k, v, causal: bool, bottom_right: bool, scale: float, attn_mask=N
     lse = poisoned_empty(B, H, Lq, dtype=torch.float32, device=q.device)
     offset = Lk - Lq if bottom_right else 0
     f32 = q.dtype == torch.float32
-    pointers, mstrides, drop, flags = _extras(q, k, attn_mask, key_lengths, dropout_p, rng_state)
+    pointers, mstrides, drop, flags = _extras(q, k, attn_mask, key_lengths, dropout_p, rng_state, softcap,
+                                              window_left, window_right, alibi_slopes)
 
     def run(cfg):
         bm, bn, warps, stages = cfg
@@ -492,7 +572,8 @@ def forward(q, k, v, causal: bool, bottom_right: bool, scale: float, attn_mask=N
 
 
 def backward(grad_out, grad_lse, q, k, v, out, lse, causal: bool, bottom_right: bool, scale: float,
-             attn_mask=None, key_lengths=None, dropout_p: float = 0.0, rng_state=None):
+             attn_mask=None, key_lengths=None, dropout_p: float = 0.0, rng_state=None, softcap: float = 0.0,
+             window_left: int = -1, window_right: int = -1, alibi_slopes=None):
     """Returns (dq, dk, dv) in the dtypes of q, k, v. The optional arguments must be the
     forward's."""
     from seqkernels.testing import poisoned_empty
@@ -512,7 +593,8 @@ def backward(grad_out, grad_lse, q, k, v, out, lse, causal: bool, bottom_right: 
     dv = poisoned_empty(v.shape, dtype=v.dtype, device=v.device)
     offset = Lk - Lq if bottom_right else 0
     f32 = q.dtype == torch.float32
-    pointers, mstrides, drop, flags = _extras(q, k, attn_mask, key_lengths, dropout_p, rng_state)
+    pointers, mstrides, drop, flags = _extras(q, k, attn_mask, key_lengths, dropout_p, rng_state, softcap,
+                                              window_left, window_right, alibi_slopes)
     common = dict(CAUSAL=bool(causal), BLOCK_D=_pow2(D), BLOCK_DV=_pow2(DV), F32=f32, **flags)
     key = _tune_key(q, k, v, causal) + tuple(flags.values())
 

@@ -116,12 +116,12 @@ def test_gpu_full_size_through_the_op(dtype, causal, D):
 # --- masks, key lengths, dropout (the *_masked configs) --------------------------------------
 
 def _run_masked(B, H, Hk, Lq, Lk, D, causal, bottom_right, dtype, mask=None, key_lengths=None, dropout_p=0.0,
-                device=DEVICE, tol=None):
+                device=DEVICE, tol=None, softcap=0.0, window=(-1, -1), alibi_slopes=None, scale_inputs=1.0):
     """The kernels with the optional inputs against the float64 reference with the same
-    mask, lengths and Philox dropout mask (seed 1234, offset 8)."""
+    mask, lengths, Philox dropout mask (seed 1234, offset 8), softcap, window and ALiBi."""
     g = torch.Generator().manual_seed(Lq * 1000 + Lk + 7)
     mk = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
-    q64, k64, v64 = mk(B, H, Lq, D), mk(B, Hk, Lk, D), mk(B, Hk, Lk, D)
+    q64, k64, v64 = mk(B, H, Lq, D) * scale_inputs, mk(B, Hk, Lk, D), mk(B, Hk, Lk, D)
     q, k, v = (t.to(device, dtype) for t in (q64, k64, v64))
     scale = 1 / math.sqrt(D)
     dmask = mask
@@ -129,14 +129,15 @@ def _run_masked(B, H, Hk, Lq, Lk, D, causal, bottom_right, dtype, mask=None, key
         dmask = mask.to(dtype)
     args = dict(attn_mask=None if dmask is None else dmask.to(device),
                 key_lengths=None if key_lengths is None else key_lengths.to(device),
-                dropout_p=dropout_p, rng_state=torch.tensor([1234, 8]))
+                dropout_p=dropout_p, rng_state=torch.tensor([1234, 8]), softcap=softcap, window_left=window[0],
+                window_right=window[1], alibi_slopes=None if alibi_slopes is None else alibi_slopes.to(device))
     out, lse = K.forward(q, k, v, causal, bottom_right, scale, **args)
     keep = ref.dropout_keep_mask((B, H, Lq, Lk), dropout_p, 1234, 8) if dropout_p else None
     qr, kr, vr = (t.to(dtype).double().requires_grad_() for t in (q64, k64, v64))
     rmask = None if dmask is None else (dmask if dmask.dtype == torch.bool else dmask.double())
     out_e, lse_e = ref.flash_attention(qr, kr, vr, causal=causal, scale=scale, bottom_right=bottom_right,
                                        attn_mask=rmask, key_lengths=key_lengths, dropout_p=dropout_p,
-                                       dropout_mask=keep)
+                                       dropout_mask=keep, softcap=softcap, window=window, alibi_slopes=alibi_slopes)
     go64 = mk(B, H, Lq, D)
     ge = torch.autograd.grad(out_e, (qr, kr, vr), go64)
     ga = K.backward(go64.to(device, dtype), None, q, k, v, out, lse, causal, bottom_right, scale, **args)
@@ -187,6 +188,41 @@ def test_everything_at_once_per_head_dim_class(D):
     B, H, Lq, Lk = 2, 4, 23, 41
     _run_masked(B, H, 2, Lq, Lk, D, True, True, DTYPES[0], mask=MASKS["bool-full"](B, H, Lq, Lk),
                 key_lengths=torch.tensor([41, 30]), dropout_p=0.2)
+
+
+# --- softcap, sliding windows, ALiBi ---------------------------------------------------------
+# the fixed config's blocks are 64 x 64 (32 x 32 in float32): windows at block - 1, block,
+# block + 1 and across several blocks, with both causal alignments
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("causal", [False, True])
+def test_softcap(dtype, causal):
+    # scores well past the cap (q scaled up), so that tanh saturates
+    _run_masked(2, 4, 2, 37, 71, 32, causal, True, dtype, softcap=1.5, scale_inputs=4.0)
+
+
+@pytest.mark.parametrize("window", [(0, 0), (31, 0), (32, -1), (33, 5), (63, 0), (64, 64), (-1, 3), (10, -1)])
+@pytest.mark.parametrize("causal,bottom_right", [(False, True), (True, True), (True, False)])
+def test_window(window, causal, bottom_right):
+    _run_masked(1, 2, 1, 97, 163, 16, causal, bottom_right, DTYPES[0], window=window)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("per_batch", [False, True])
+@pytest.mark.parametrize("causal,bottom_right", [(False, True), (True, True), (True, False)])
+def test_alibi(dtype, per_batch, causal, bottom_right):
+    slopes = torch.rand(2, 4) if per_batch else 2.0 ** -torch.arange(1, 5, dtype=torch.float32)
+    _run_masked(2, 4, 2, 41, 67, 16, causal, bottom_right, dtype, alibi_slopes=slopes)
+
+
+@pytest.mark.parametrize("D", [64, 256])
+def test_every_feature_at_once(D):
+    """Mask, key lengths, dropout, softcap, window and ALiBi together (the heaviest variant
+    the AOT check compiles), with GQA."""
+    B, H, Lq, Lk = 2, 4, 29, 53
+    _run_masked(B, H, 2, Lq, Lk, D, True, True, DTYPES[0], mask=MASKS["bool-full"](B, H, Lq, Lk),
+                key_lengths=torch.tensor([53, 40]), dropout_p=0.2, softcap=2.0, window=(20, 0),
+                alibi_slopes=torch.rand(B, H), scale_inputs=2.0)
 
 
 def test_masked_backward_is_deterministic():

@@ -71,9 +71,9 @@ def triton_forward(monkeypatch):
 
     def fwd(q, k, v, causal, bottom_right, scale, attn_mask=None, key_lengths=None, dropout_p=0.0, rng_state=None,
             softcap=0.0, window_left=-1, window_right=-1, alibi_slopes=None):
-        assert softcap == 0.0 and window_left == window_right == -1 and alibi_slopes is None  # not in Triton yet
         calls.append((causal, bottom_right, attn_mask))
-        return K.forward(q, k, v, causal, bottom_right, scale, attn_mask, key_lengths, dropout_p, rng_state)
+        return K.forward(q, k, v, causal, bottom_right, scale, attn_mask, key_lengths, dropout_p, rng_state, softcap,
+                         window_left, window_right, alibi_slopes)
 
     monkeypatch.setattr(attention_ops, "_fwd", fwd)
     return calls

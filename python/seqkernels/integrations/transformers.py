@@ -18,6 +18,10 @@ exactly the boolean masks (or ``None``) that torch's SDPA gets, and read them in
 sliding window) are skipped and mixed tiles are computed only up to their last shown key.
 Right padding, the common case in training and for encoders, is recognised in eager mode
 and runs as ``key_lengths`` (see :func:`mask_function`), which costs nothing to read.
+Packed batches (sequences concatenated in a row, ``position_ids`` restarting at each, no
+padding mask: transformers' packed-sequence format) are recognised in eager mode too (the
+mask is checked to be exactly causal within each sequence, and the sliding window) and run
+as :func:`seqkernels.flash_attention_varlen`, where no tile spans two sequences.
 
 The attention function keeps the contract of transformers' sdpa integration (the same
 arguments, the same causality rule, ``(batch, seq, heads, head_dim)`` output) and runs
@@ -32,8 +36,8 @@ arguments, the same causality rule, ``(batch, seq, heads, head_dim)`` output) an
 - no Python-side state: ``torch.compile(model, fullgraph=True)`` gives one graph.
 
 Arguments the kernels do not implement are never ignored: ``softcap`` (Gemma 2) runs on the
-kernels (on a GPU, as exact materialized math for now; where the kernels cannot take the call,
-a static cache's prefill or a float mask, an exact materialized fallback); ``sliding_window``
+kernels (where they cannot take the call, a static cache's prefill or a float mask, an
+exact materialized fallback); ``sliding_window``
 is in the mask transformers builds (and applied here if a call comes without a mask);
 ``position_bias`` (T5) becomes an additive float mask, as in transformers' sdpa path;
 attention sinks (``s_aux``) raise a clear error; ``output_attentions=True`` warns, as
@@ -54,6 +58,7 @@ from torch import Tensor
 from ..errors import ArgumentError
 from ..reference.attention import causal_mask
 from ..ops.attention import MAX_HEAD_DIM, _materialized, _new_rng_state, flash_attention
+from ..ops.varlen import flash_attention_varlen
 from ..ops.sdpa import scaled_dot_product_attention
 
 DEFAULT_NAME = "seqkernels"
@@ -195,6 +200,17 @@ def attention_forward(
         causal = False
 
     softcap = float(kwargs.get("softcap") or 0.0)
+    packed = _packed_batch(query, key, attention_mask, kwargs.get("position_ids"), window, bool(is_causal))
+    if packed is not None:
+        # packed sequences (position_ids that restart, no padding): varlen, no tile crosses
+        # two sequences; out (B * L, H, Dv) is already transformers' (B, L, H, Dv) layout
+        cu, longest = packed
+        B, H, L, _ = query.shape
+        rows = lambda t: t.transpose(1, 2).reshape(B * L, t.shape[1], t.shape[3])  # noqa: E731
+        out = flash_attention_varlen(rows(query), rows(key), rows(value), cu, cu, longest, longest, causal=True,
+                                     scale=scaling, window=(-1, -1) if window is None else (int(window) - 1, 0),
+                                     softcap=softcap, dropout_p=dropout)
+        return out.view(B, L, H, value.shape[3]), None
     fast = getattr(attention_mask, _LENGTHS_ATTR, None) if attention_mask is not None else None
     if fast is not None and attention_mask.shape[-2:] == (q_len, kv_len):
         # right padding from mask_function: key lengths (and the causal flag), the same visibility
@@ -213,6 +229,37 @@ def attention_forward(
                                            is_causal=causal, scale=scaling,
                                            enable_gqa=query.shape[1] != key.shape[1])
     return out.transpose(1, 2).contiguous(), None
+
+
+def _packed_batch(query: Tensor, key: Tensor, mask: Optional[Tensor], position_ids: Optional[Tensor],
+                  window: Optional[int], causal: bool) -> Optional[tuple[Tensor, int]]:
+    """(cu_seqlens, longest) when the call is a packed batch: position_ids that restart
+    within a row (transformers' packed-sequence detection, which it does only without a
+    padding mask) and a boolean mask that is exactly causal attention within each sequence
+    (and the sliding window, if any), which is checked. None otherwise, and under
+    torch.compile (the check reads values): the mask is then read in place."""
+    if (position_ids is None or mask is None or mask.dtype != torch.bool or not causal
+            or torch.compiler.is_compiling() or query.dim() != 4):
+        return None
+    B, _, L, _ = query.shape
+    if key.shape[2] != L or mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[-2:] != (L, L) \
+            or mask.shape[0] not in (1, B) or position_ids.dim() != 2 or position_ids.shape[-1] != L:
+        return None
+    pos = position_ids.expand(B, L)
+    start = torch.ones(B, L, dtype=torch.bool, device=pos.device)
+    start[:, 1:] = pos[:, 1:] - pos[:, :-1] != 1
+    if int(start.sum()) == B:  # one sequence per row: not packed
+        return None
+    seq = start.cumsum(-1)
+    i, j = torch.arange(L, device=pos.device)[:, None], torch.arange(L, device=pos.device)[None, :]
+    expected = (seq[:, :, None] == seq[:, None, :]) & (j <= i)
+    if window is not None:
+        expected &= j > i - int(window)
+    if not torch.equal(mask.expand(B, 1, L, L)[:, 0], expected.to(mask.device)):
+        return None
+    cu = torch.cat([start.reshape(-1).nonzero().flatten(), torch.tensor([B * L], device=pos.device)])
+    cu = cu.to(device=query.device, dtype=torch.int32)
+    return cu, int((cu[1:] - cu[:-1]).max())
 
 
 def _kernel_call(query: Tensor, key: Tensor, value: Tensor, mask: Optional[Tensor]) -> bool:

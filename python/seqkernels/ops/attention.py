@@ -94,7 +94,7 @@ forbid_double_backward("seqkernels::flash_attention_backward")
 
 # --- CUDA body -------------------------------------------------------------------------------
 # The Triton kernels (kernels/flash_attention.py) for float16, bfloat16 and float32, masks,
-# key lengths and dropout included. float64 on CUDA (for gradcheck, not speed) runs the
+# key lengths, dropout, softcap, windows and ALiBi included. float64 on CUDA (for gradcheck, not speed) runs the
 # materialized math below in float64, with the same Philox dropout mask.
 
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -106,11 +106,8 @@ def _triton():
     return kernels
 
 
-def _use_triton(q, softcap: float = 0.0, window_left: int = -1, window_right: int = -1, alibi_slopes=None) -> bool:
-    # softcap, windows and ALiBi are not in the Triton kernels yet: such calls run the exact
-    # materialized math
-    return (q.dtype in _TRITON_DTYPES and softcap == 0.0 and window_left == -1 and window_right == -1
-            and alibi_slopes is None)
+def _use_triton(q) -> bool:
+    return q.dtype in _TRITON_DTYPES
 
 
 def _keep_mask(q, k, dropout_p, rng_state) -> Optional[Tensor]:
@@ -134,8 +131,9 @@ def _materialized(q, k, v, causal, bottom_right, scale, attn_mask, key_lengths, 
 def _fwd_cuda(q, k, v, causal, bottom_right, scale, attn_mask=None, key_lengths=None, dropout_p=0.0,
               rng_state=None, softcap=0.0, window_left=-1, window_right=-1, alibi_slopes=None):
     check_key_lengths_range(key_lengths, k.shape[2], "flash_attention_forward")
-    if _use_triton(q, softcap, window_left, window_right, alibi_slopes):
-        return _triton().forward(q, k, v, causal, bottom_right, scale, attn_mask, key_lengths, dropout_p, rng_state)
+    if _use_triton(q):
+        return _triton().forward(q, k, v, causal, bottom_right, scale, attn_mask, key_lengths, dropout_p, rng_state,
+                                 softcap, window_left, window_right, alibi_slopes)
     return _materialized(q, k, v, causal, bottom_right, scale, attn_mask, key_lengths, dropout_p, rng_state,
                          softcap, window_left, window_right, alibi_slopes)
 
@@ -145,9 +143,9 @@ def _bwd_cuda(grad_out, grad_lse, q, k, v, out, lse, causal, bottom_right, scale
               key_lengths=None, dropout_p=0.0, rng_state=None, softcap=0.0, window_left=-1, window_right=-1,
               alibi_slopes=None):
     check_key_lengths_range(key_lengths, k.shape[2], "flash_attention_backward")
-    if _use_triton(q, softcap, window_left, window_right, alibi_slopes):
+    if _use_triton(q):
         return _triton().backward(grad_out, grad_lse, q, k, v, out, lse, causal, bottom_right, scale, attn_mask,
-                                  key_lengths, dropout_p, rng_state)
+                                  key_lengths, dropout_p, rng_state, softcap, window_left, window_right, alibi_slopes)
     with torch.enable_grad():
         qw, kw, vw = (t.detach().requires_grad_() for t in (q, k, v))
         o, l = _materialized(qw, kw, vw, causal, bottom_right, scale, attn_mask, key_lengths, dropout_p,
@@ -388,18 +386,15 @@ def flash_attention(
             :func:`seqkernels.reference.dropout_keep_mask`.
         softcap: logit softcapping (Gemma 2): with softcap > 0 each scaled score s becomes
             softcap * tanh(s / softcap) before any mask is added or applied (flash-attn's
-            order); 0 (the default) turns it off. Differentiable. On the CPU kernels
-            (forward, backward, decode); on a GPU it runs the exact materialized math for now.
+            order); 0 (the default) turns it off. Differentiable.
         window: a sliding window (left, right), flash-attn's ``window_size``: query i sees keys
             j with i + off - left <= j <= i + off + right, off = Lk - Lq (bottom-right, as
             ``causal``); -1 leaves that side unbounded. Combines with ``causal`` (which caps
             the right side at 0) and every mask. Key tiles outside every row's window are
-            never visited, so the cost grows as O(Lq * window). CPU kernels; on a GPU the exact
-            materialized math for now.
+            never visited, so the cost grows as O(Lq * window).
         alibi_slopes: ALiBi (BLOOM, MPT), float32 (heads,) or (batch, heads): each score gets
             -slope * |i + off - j| (off as for ``window``), after the cap and with the masks,
-            flash-attn's convention. No gradient flows to the slopes. CPU kernels; on a GPU
-            the exact materialized math for now.
+            flash-attn's convention. No gradient flows to the slopes.
 
     Returns:
         out (batch, heads, Lq, head_dim_v), or (out, lse). Differentiable in q, k, v (and

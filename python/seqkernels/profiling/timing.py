@@ -76,3 +76,10 @@ def attention_flops(B: int, H: int, Lq: int, Lk: int, D: int, causal: bool = Fal
     backward counts 3.5x the forward (the backward is 2.5x: five GEMMs against two)."""
     f = 4.0 * B * H * Lq * Lk * D * (0.5 if causal else 1.0)
     return f * 3.5 if backward else f
+
+
+def matmul_roof(dtype: torch.dtype = torch.float32, n: int = 2048) -> float:
+    """FLOP/s of one plain (n x n) @ (n x n) matmul in dtype, the compute roof."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    t = measure_time(lambda: a @ b, warmup=2, repeat=5)
+    return 2.0 * n ** 3 / t.median_s

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from .decode import read_bandwidth
-from .timing import measure_time, measure_times_interleaved
+from .timing import matmul_roof, measure_time, measure_times_interleaved
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 IMPLS = ("seqkernels", "sdpa", "eager")
@@ -59,13 +59,6 @@ def _attention_flops(cfg, B: int, L: int, lengths=None) -> float:
     """Causal attention's multiply-adds x2 over the real tokens (a padded row counts its length)."""
     lengths = lengths or [L] * B
     return sum(4.0 * cfg.num_attention_heads * n * n / 2 * cfg.head_dim for n in lengths) * cfg.num_hidden_layers
-
-
-def matmul_roof(dtype: torch.dtype, n: int = 2048) -> float:
-    """FLOP/s of one plain (n x n) @ (n x n) matmul in dtype, the compute roof."""
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    t = measure_time(lambda: a @ b, warmup=2, repeat=5)
-    return 2.0 * n ** 3 / t.median_s
 
 
 def _impl_fn(model, impl, body):
