@@ -27,17 +27,19 @@ NAME = skt.register()
 def calls(monkeypatch):
     """How many attention calls reached seqkernels during the test: n in all, and
     "lengths" of them through flash_attention with key_lengths (the right-padding form)."""
-    counter = {"n": 0, "lengths": 0}
+    counter = {"n": 0, "lengths": 0, "varlen": 0}
 
-    def counting(inner, lengths):
+    def counting(inner, lengths, varlen=False):
         def call(*args, **kwargs):
             counter["n"] += 1
             counter["lengths"] += lengths and kwargs.get("key_lengths") is not None
+            counter["varlen"] += varlen
             return inner(*args, **kwargs)
         return call
 
     monkeypatch.setattr(skt, "scaled_dot_product_attention", counting(skt.scaled_dot_product_attention, False))
     monkeypatch.setattr(skt, "flash_attention", counting(skt.flash_attention, True))
+    monkeypatch.setattr(skt, "flash_attention_varlen", counting(skt.flash_attention_varlen, False, varlen=True))
     return counter
 
 
@@ -196,6 +198,64 @@ def test_gemma2_softcap_and_window_match_eager(calls):
     assert calls["n"] == 2  # softcap in the kernels (the full layer as key lengths)
     assert calls["lengths"] == 1
     _assert_close(ours, theirs, mask, torch.float32)
+
+
+# --- packed sequences ------------------------------------------------------------------------
+
+def _packed(rows=((7, 12, 5), (10, 14))):
+    """Token ids and position_ids restarting at each sequence, every row the same length."""
+    L = sum(rows[0])
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(1, VOCAB, (len(rows), L), generator=g)
+    pos = torch.stack([torch.cat([torch.arange(n) for n in r]) for r in rows])
+    return ids, pos
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral"])  # mistral: a window of 5 inside the sequences
+def test_packed_sequences_run_as_varlen_and_match_sdpa(family, calls):
+    # transformers detects packing only without a cache (training, or use_cache=False)
+    model = _build(_decoder_config(family), torch.float64)
+    ids, pos = _packed()
+    theirs = _logits(model, "sdpa", ids, position_ids=pos, use_cache=False)
+    ours = _logits(model, NAME, ids, position_ids=pos, use_cache=False)
+    assert calls["n"] == calls["varlen"] == 2  # both layers through flash_attention_varlen
+    torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-10)
+    # each sequence alone gives the same logits (the packing is really block-diagonal)
+    alone = _logits(model, NAME, ids[:1, 7:19], position_ids=pos[:1, 7:19], use_cache=False)
+    torch.testing.assert_close(ours[:1, 7:19], alone, rtol=1e-10, atol=1e-10)
+
+
+def test_packed_training_gradients_match_sdpa(calls):
+    model = _build(_decoder_config("llama"), torch.float64).train()
+    ids, pos = _packed()
+
+    def grads(impl):
+        model.set_attn_implementation(impl)
+        model.zero_grad()
+        model(ids, position_ids=pos, labels=ids, use_cache=False).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    theirs, ours = grads("sdpa"), grads(NAME)
+    assert calls["n"] == calls["varlen"] == 2
+    for n in theirs:
+        torch.testing.assert_close(ours[n], theirs[n], rtol=1e-9, atol=1e-11, msg=n)
+
+
+def test_packed_batch_check_refuses_other_masks():
+    # restarting positions with a mask that is not causal-within-sequences (a padding mask
+    # was given): not taken as packed
+    q = torch.randn(1, 2, 6, 4)
+    pos = torch.tensor([[0, 1, 2, 0, 1, 2]])
+    seq = torch.tensor([0, 0, 0, 1, 1, 1])
+    block = (seq[:, None] == seq[None, :]) & torch.ones(6, 6, dtype=torch.bool).tril()
+    assert skt._packed_batch(q, q, block[None, None], pos, None, True) is not None
+    cu, longest = skt._packed_batch(q, q, block[None, None], pos, None, True)
+    assert cu.tolist() == [0, 3, 6] and longest == 3 and cu.dtype == torch.int32
+    other = block.clone()
+    other[4, 3] = False
+    assert skt._packed_batch(q, q, other[None, None], pos, None, True) is None
+    assert skt._packed_batch(q, q, block[None, None], pos, None, False) is None  # not causal
+    assert skt._packed_batch(q, q, block[None, None], torch.arange(6)[None], None, True) is None  # not packed
 
 
 # --- loading -------------------------------------------------------------------------------
