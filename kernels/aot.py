@@ -32,18 +32,19 @@ KERNELS = {"fwd": K._attn_fwd, "dkdv": K._attn_bwd_dkdv, "dq": K._attn_bwd_dq}
 KIND = {"fwd": "fwd", "dkdv": "bwd", "dq": "bwd"}
 # (dtype, causal, mask) for the plain configs, and for the *_masked configs, which run
 # whenever an optional feature is on: each of those is compiled with a boolean or an
-# additive attn_mask, key lengths and dropout on at once, and with the score features
-# ("features": softcap, a window and ALiBi, with key lengths and dropout), the heaviest
-# variants of the two families. (All six at once is not checked: it spills in some configs,
-# slower but exact.) bfloat16 compiles to the same tiles.
+# additive attn_mask, key lengths and dropout on at once; with the score features
+# ("features": softcap, a window and ALiBi, with key lengths and dropout); and with packed
+# sequences ("varlen": VARLEN with dropout): the heaviest variants of the three families.
+# (Every feature at once is not checked: it spills in some configs, slower but exact.)
+# bfloat16 compiles to the same tiles.
 VARIANTS = [("fp16", True, ""), ("fp16", False, "")]
-MASKED_VARIANTS = [("fp16", True, "bool"), ("fp16", True, "add"), ("fp16", True, "features")]
+MASKED_VARIANTS = [("fp16", True, "bool"), ("fp16", True, "add"), ("fp16", True, "features"), ("fp16", True, "varlen")]
 # float32 configs serve every launch in float32, features on or off
 F32_VARIANTS = [("fp32", True, ""), ("fp32", False, ""), ("fp32", True, "bool"), ("fp32", True, "add"),
-                ("fp32", True, "features")]
+                ("fp32", True, "features"), ("fp32", True, "varlen")]
 SUFFIXES = (("", VARIANTS), ("_masked", MASKED_VARIANTS), ("_f32", F32_VARIANTS))
 _CONSTEXPRS = ("CAUSAL", "BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_DV", "F32", "MASK_KIND", "HAS_LENGTHS", "DROPOUT",
-               "SOFTCAP", "WINDOW", "ALIBI")
+               "SOFTCAP", "WINDOW", "ALIBI", "VARLEN")
 _FP32_POINTERS = {"LSE", "DELTA", "AL"}
 _TENSOR_POINTERS = {"Q", "K", "V", "O", "DO", "DK", "DV_", "DQ"}
 _I64 = {"seed", "rng_offset", "threshold"}
@@ -66,6 +67,8 @@ def signature(fn, dtype: str) -> dict:
             sig[name] = "*i1"
         elif name == "KL":
             sig[name] = "*i64"
+        elif name in ("CUQ", "CUK"):
+            sig[name] = "*i32"
         elif name in _I64:
             sig[name] = "i64"
         elif name in ("qk_scale", "scale", "drop_scale", "softcap"):
@@ -97,8 +100,9 @@ def compile_one(kernel: str, arch: int, d: int, cfg: tuple, dtype: str, causal: 
     masked = bool(mask)
     src = ASTSource(fn, sig, constexprs=dict(
         CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=d, BLOCK_DV=d, F32=dtype == "fp32",
-        MASK_KIND={"": 0, "bool": 1, "add": 2, "features": 0}[mask], HAS_LENGTHS=masked, DROPOUT=masked,
-        SOFTCAP=mask == "features", WINDOW=mask == "features", ALIBI=mask == "features"))
+        MASK_KIND={"": 0, "bool": 1, "add": 2, "features": 0, "varlen": 0}[mask], HAS_LENGTHS=masked and mask != "varlen",
+        DROPOUT=masked,
+        SOFTCAP=mask == "features", WINDOW=mask == "features", ALIBI=mask == "features", VARLEN=mask == "varlen"))
     c = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps, num_stages=stages))
     res = resources(c.asm["cubin"])
     return dict(kernel=kernel, arch=arch, head_dim=d, config=list(cfg), dtype=dtype, causal=causal, mask=mask,

@@ -144,13 +144,29 @@ def _key_range(pid_m, Lk, kl, offset, wl, wr, CAUSAL: tl.constexpr, WINDOW: tl.c
 
 
 @triton.jit
-def _dropout_keep(bh, rows, start_n, Lq, Lk, seed, rng_offset, threshold,
+def _sequence(CUQ, CUK, b, h, bh, Lq, Lk, offset, VARLEN: tl.constexpr):
+    """(q0, lq, k0, lk, offset, row0) of sequence b: its first query row and query count, its
+    first key row and key count, the causal offset, and the row of its query 0 in the LSE /
+    delta / dropout numbering. A batch: (0, Lq, 0, Lk, offset, bh * Lq). Packed (VARLEN, Lq
+    the total query rows, cu_seqlens at CUQ / CUK): bottom-right on its own lengths, LSE
+    (H, total_q), dropout counters of a (1, H, total_q, Lk = longest) batch."""
+    if VARLEN:
+        q0 = tl.load(CUQ + b)
+        k0 = tl.load(CUK + b)
+        lq = tl.load(CUQ + b + 1) - q0
+        lk = tl.load(CUK + b + 1) - k0
+        return q0, lq, k0, lk, lk - lq, h.to(tl.int64) * Lq + q0
+    return 0, Lq, 0, Lk, offset, bh.to(tl.int64) * Lq
+
+
+@triton.jit
+def _dropout_keep(row0, rows, start_n, Lk, seed, rng_offset, threshold,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Whether dropout keeps each score of the tile rows x [start_n, start_n + BLOCK_N):
-    key j of row r = bh * Lq + i uses word j % 4 of Philox block
+    key j of row r = row0 + i (bh * Lq + i in a batch) uses word j % 4 of Philox block
     rng_offset + r * ceil(Lk / 4) + j // 4. One block per four keys: the four words of a
     (BLOCK_M, BLOCK_N / 4) tile of blocks are interleaved into the (BLOCK_M, BLOCK_N) tile."""
-    row_block = (bh.to(tl.int64) * Lq + rows) * ((Lk + 3) // 4) + rng_offset
+    row_block = (row0 + rows) * ((Lk + 3) // 4) + rng_offset
     blocks = row_block[:, None] + (start_n // 4 + tl.arange(0, BLOCK_N // 4))[None, :]
     r0, r1, r2, r3 = tl.randint4x(seed, blocks)
     # join(join(r0, r2), join(r1, r3))[m, c, a, b] = r_(2a + b): lane 2a + b of block c
@@ -159,16 +175,16 @@ def _dropout_keep(bh, rows, start_n, Lq, Lk, seed, rng_offset, threshold,
 
 
 @triton.jit
-def _query_side(Q, DO, LSE, DELTA, q_off, do_off, sqm, sdm, bh, rows, Lq, offs_d, D, offs_dv, DV):
+def _query_side(Q, DO, LSE, DELTA, q_off, do_off, sqm, sdm, row0, rows, Lq, offs_d, D, offs_dv, DV):
     """q, dO, the LSE in base 2 and delta of one query block, as both backward kernels use them.
 
     A row that sees no key has LSE -inf; +inf in its place makes exp2(s - lse) zero there.
     """
     q = _load_rows(Q + q_off, rows, Lq, sqm, offs_d, D)
     do = _load_rows(DO + do_off, rows, Lq, sdm, offs_dv, DV)
-    lse = tl.load(LSE + bh * Lq + rows, mask=rows < Lq, other=float("-inf"))
+    lse = tl.load(LSE + row0 + rows, mask=rows < Lq, other=float("-inf"))
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-    delta = tl.load(DELTA + bh * Lq + rows, mask=rows < Lq, other=0.0)
+    delta = tl.load(DELTA + row0 + rows, mask=rows < Lq, other=0.0)
     return q, do, lse2, delta
 
 
@@ -176,38 +192,48 @@ def _query_side(Q, DO, LSE, DELTA, q_off, do_off, sqm, sdm, bh, rows, Lq, offs_d
 def _attn_fwd(Q, K, V, O, LSE, M, KL,
               sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som, smb, smh, smm, smn,
               H, G, Lq, Lk, D, DV, offset, qk_scale, seed, rng_offset, threshold, drop_scale,
-              AL, sab, softcap, wl, wr,
+              AL, sab, softcap, wl, wr, CUQ, CUK,
               CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, F32: tl.constexpr,
               MASK_KIND: tl.constexpr = 0, HAS_LENGTHS: tl.constexpr = False, DROPOUT: tl.constexpr = False,
-              SOFTCAP: tl.constexpr = False, WINDOW: tl.constexpr = False, ALIBI: tl.constexpr = False):
+              SOFTCAP: tl.constexpr = False, WINDOW: tl.constexpr = False, ALIBI: tl.constexpr = False,
+              VARLEN: tl.constexpr = False):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
     hk = h // G
+    q0, lq, k0, lk, offset, row0 = _sequence(CUQ, CUK, b, h, bh, Lq, Lk, offset, VARLEN)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q = _load_rows(Q + b * sqb + h * sqh, offs_m, Lq, sqm, offs_d, D)
+    if VARLEN:  # sequence b's rows of the packed tensors (the batch strides are 0)
+        Q = Q + q0 * sqm
+        K = K + k0 * skn
+        V = V + k0 * svn
+        O = O + q0 * som
+    q = _load_rows(Q + b * sqb + h * sqh, offs_m, lq, sqm, offs_d, D)
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    kl = _key_limit(KL, b, Lk, HAS_LENGTHS)
-    kstart, kend = _key_range(pid_m, Lk, kl, offset, wl, wr, CAUSAL, WINDOW, BLOCK_M, BLOCK_N)
+    kl = _key_limit(KL, b, lk, HAS_LENGTHS)
+    kstart, kend = _key_range(pid_m, lk, kl, offset, wl, wr, CAUSAL, WINDOW, BLOCK_M, BLOCK_N)
+    if VARLEN:
+        if pid_m * BLOCK_M >= lq:  # a block past a short packed sequence: nothing to compute
+            kend = 0
     for start_n in range(kstart, kend, BLOCK_N):
         cols = start_n + offs_n
-        k = _load_rows_t(k_base, cols, Lk, skn, offs_d, D)  # (BLOCK_D, BLOCK_N)
+        k = _load_rows_t(k_base, cols, lk, skn, offs_d, D)  # (BLOCK_D, BLOCK_N)
         if F32:
             s = tl.dot(q, k, input_precision=F32_PRECISION)
         else:
             s = tl.dot(q, k)
         s, _ = _logits(s, qk_scale, softcap, SOFTCAP)
-        s = _mask_scores(s, b, h, offs_m, cols, Lq, Lk, kl, offset, M, smb, smh, smm, smn,
+        s = _mask_scores(s, b, h, offs_m, cols, lq, lk, kl, offset, M, smb, smh, smm, smn,
                          wl, wr, AL, sab, CAUSAL, MASK_KIND, WINDOW, ALIBI)  # base-2 logits
         # NaN in a score must reach the row: the running max propagates it explicitly (and
         # exp2(NaN - m) carries it into l and acc even where a max reduction drops it)
@@ -217,9 +243,9 @@ def _attn_fwd(Q, K, V, O, LSE, M, KL,
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         if DROPOUT:  # the sum above is over all keys; only the output drops
-            keep = _dropout_keep(bh, offs_m, start_n, Lq, Lk, seed, rng_offset, threshold, BLOCK_M, BLOCK_N)
+            keep = _dropout_keep(row0, offs_m, start_n, Lk, seed, rng_offset, threshold, BLOCK_M, BLOCK_N)
             p = tl.where(keep, p * drop_scale, 0.0)
-        v = _load_rows(v_base, cols, Lk, svn, offs_dv, DV)
+        v = _load_rows(v_base, cols, lk, svn, offs_dv, DV)
         acc = acc * alpha[:, None]
         if F32:
             acc += tl.dot(p.to(v.dtype), v, input_precision=F32_PRECISION)
@@ -229,9 +255,9 @@ def _attn_fwd(Q, K, V, O, LSE, M, KL,
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     o_ptrs = O + b * sob + h * soh + offs_m[:, None] * som + offs_dv[None, :]
-    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=(offs_m[:, None] < Lq) & (offs_dv[None, :] < DV))
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=(offs_m[:, None] < lq) & (offs_dv[None, :] < DV))
     lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
-    tl.store(LSE + bh * Lq + offs_m, lse, mask=offs_m < Lq)
+    tl.store(LSE + row0 + offs_m, lse, mask=offs_m < lq)
 
 
 @triton.jit
@@ -252,8 +278,9 @@ def _attn_bwd_preprocess(O, DO, DLSE, DELTA, sob, soh, som, sdb, sdh, sdm, H, Lq
 
 
 @triton.jit
-def _probs_and_dscores(q, k, v, do, lse2, delta, b, h, bh, rows, cols, Lq, Lk, kl, offset, qk_scale,
+def _probs_and_dscores(q, k, v, do, lse2, delta, b, h, row0, rows, cols, Lq, Lk, kl, offset, qk_scale,
                        M, smb, smh, smm, smn, seed, rng_offset, threshold, drop_scale, start_n, AL, sab, softcap, wl, wr,
+                       drop_len,
                        CAUSAL: tl.constexpr, F32: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
                        SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, ALIBI: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -273,7 +300,7 @@ def _probs_and_dscores(q, k, v, do, lse2, delta, b, h, bh, rows, cols, Lq, Lk, k
     else:
         dp = tl.dot(do, v)
     if DROPOUT:
-        keep = _dropout_keep(bh, rows, start_n, Lq, Lk, seed, rng_offset, threshold, BLOCK_M, BLOCK_N)
+        keep = _dropout_keep(row0, rows, start_n, drop_len, seed, rng_offset, threshold, BLOCK_M, BLOCK_N)
         z = tl.where(keep, drop_scale, 0.0)
         p_used, ds = p * z, p * (dp * z - delta[:, None])
     else:
@@ -288,30 +315,41 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV_, M, KL,
                    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdb, sdh, sdm,
                    sdkb, sdkh, sdkn, sdvb, sdvh, sdvn, smb, smh, smm, smn,
                    H, Hk, G, Lq, Lk, D, DV, offset, qk_scale, scale, seed, rng_offset, threshold, drop_scale,
-                   AL, sab, softcap, wl, wr,
+                   AL, sab, softcap, wl, wr, CUQ, CUK,
                    CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, F32: tl.constexpr,
                    MASK_KIND: tl.constexpr = 0, HAS_LENGTHS: tl.constexpr = False, DROPOUT: tl.constexpr = False,
-                   SOFTCAP: tl.constexpr = False, WINDOW: tl.constexpr = False, ALIBI: tl.constexpr = False):
+                   SOFTCAP: tl.constexpr = False, WINDOW: tl.constexpr = False, ALIBI: tl.constexpr = False,
+                   VARLEN: tl.constexpr = False):
     pid_n = tl.program_id(0)
     bhk = tl.program_id(1)
     b = bhk // Hk
     hk = bhk % Hk
+    q0, lq, k0, lk, offset, _ = _sequence(CUQ, CUK, b, hk, b * H, Lq, Lk, offset, VARLEN)  # row0: per head below
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     offs_mb = tl.arange(0, BLOCK_M)
-    k = _load_rows_t(K + b * skb + hk * skh, cols, Lk, skn, offs_d, D)        # (BLOCK_D, BLOCK_N)
-    v = _load_rows_t(V + b * svb + hk * svh, cols, Lk, svn, offs_dv, DV)      # (BLOCK_DV, BLOCK_N)
+    if VARLEN:  # sequence b's rows of the packed tensors (the batch strides are 0)
+        Q = Q + q0 * sqm
+        DO = DO + q0 * sdm
+        K = K + k0 * skn
+        V = V + k0 * svn
+        DK = DK + k0 * sdkn
+        DV_ = DV_ + k0 * sdvn
+    k = _load_rows_t(K + b * skb + hk * skh, cols, lk, skn, offs_d, D)        # (BLOCK_D, BLOCK_N)
+    v = _load_rows_t(V + b * svb + hk * svh, cols, lk, svn, offs_dv, DV)      # (BLOCK_DV, BLOCK_N)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     start_m = 0
     if CAUSAL:  # the first query that sees key pid_n * BLOCK_N: i + offset >= j
         start_m = tl.maximum(0, pid_n * BLOCK_N - offset) // BLOCK_M * BLOCK_M
-    kl = _key_limit(KL, b, Lk, HAS_LENGTHS)
-    end_m = Lq
+    kl = _key_limit(KL, b, lk, HAS_LENGTHS)
+    end_m = lq
+    if VARLEN:  # a block past a short packed sequence: no work
+        end_m = tl.where(pid_n * BLOCK_N < lk, lq, 0)
     if HAS_LENGTHS:  # a block of padding keys: zero gradients, no work
-        end_m = tl.where(pid_n * BLOCK_N < kl, Lq, 0)
+        end_m = tl.where(pid_n * BLOCK_N < kl, lq, 0)
     if WINDOW:  # only the query blocks whose windows reach this key block
         if wr >= 0:  # the first query with j <= i + offset + wr
             start_m = tl.maximum(start_m, tl.maximum(0, pid_n * BLOCK_N - offset - wr) // BLOCK_M * BLOCK_M)
@@ -319,14 +357,17 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV_, M, KL,
             end_m = tl.minimum(end_m, tl.maximum(0, (pid_n + 1) * BLOCK_N - 1 - offset + wl + 1))
     for g in range(0, G):
         h = hk * G + g
-        bh = b * H + h
+        if VARLEN:
+            row0 = h.to(tl.int64) * Lq + q0
+        else:
+            row0 = (b * H + h).to(tl.int64) * Lq
         for m0 in range(start_m, end_m, BLOCK_M):
             rows = m0 + offs_mb
             q, do, lse2, delta = _query_side(Q, DO, LSE, DELTA, b * sqb + h * sqh, b * sdb + h * sdh, sqm, sdm,
-                                             bh, rows, Lq, offs_d, D, offs_dv, DV)
-            p, ds = _probs_and_dscores(q, k, v, do, lse2, delta, b, h, bh, rows, cols, Lq, Lk, kl, offset, qk_scale,
+                                             row0, rows, lq, offs_d, D, offs_dv, DV)
+            p, ds = _probs_and_dscores(q, k, v, do, lse2, delta, b, h, row0, rows, cols, lq, lk, kl, offset, qk_scale,
                                        M, smb, smh, smm, smn, seed, rng_offset, threshold, drop_scale,
-                                       pid_n * BLOCK_N, AL, sab, softcap, wl, wr, CAUSAL, F32, MASK_KIND, DROPOUT,
+                                       pid_n * BLOCK_N, AL, sab, softcap, wl, wr, Lk, CAUSAL, F32, MASK_KIND, DROPOUT,
                                        SOFTCAP, WINDOW, ALIBI, BLOCK_M, BLOCK_N)
             if F32:
                 dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=F32_PRECISION)
@@ -334,7 +375,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV_, M, KL,
             else:
                 dv += tl.dot(tl.trans(p.to(do.dtype)), do)
                 dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
-    mask_n = cols[:, None] < Lk
+    mask_n = cols[:, None] < lk
     tl.store(DK + b * sdkb + hk * sdkh + cols[:, None] * sdkn + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty),
              mask=mask_n & (offs_d[None, :] < D))
     tl.store(DV_ + b * sdvb + hk * sdvh + cols[:, None] * sdvn + offs_dv[None, :], dv.to(DV_.dtype.element_ty),
@@ -345,41 +386,52 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV_, M, KL,
 def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, M, KL,
                  sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdb, sdh, sdm, sdqb, sdqh, sdqm, smb, smh, smm, smn,
                  H, G, Lq, Lk, D, DV, offset, qk_scale, scale, seed, rng_offset, threshold, drop_scale,
-                 AL, sab, softcap, wl, wr,
+                 AL, sab, softcap, wl, wr, CUQ, CUK,
                  CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, F32: tl.constexpr,
                  MASK_KIND: tl.constexpr = 0, HAS_LENGTHS: tl.constexpr = False, DROPOUT: tl.constexpr = False,
-                 SOFTCAP: tl.constexpr = False, WINDOW: tl.constexpr = False, ALIBI: tl.constexpr = False):
+                 SOFTCAP: tl.constexpr = False, WINDOW: tl.constexpr = False, ALIBI: tl.constexpr = False,
+                 VARLEN: tl.constexpr = False):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
     hk = h // G
+    q0, lq, k0, lk, offset, row0 = _sequence(CUQ, CUK, b, h, bh, Lq, Lk, offset, VARLEN)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
+    if VARLEN:  # sequence b's rows of the packed tensors (the batch strides are 0)
+        Q = Q + q0 * sqm
+        DO = DO + q0 * sdm
+        DQ = DQ + q0 * sdqm
+        K = K + k0 * skn
+        V = V + k0 * svn
     q, do, lse2, delta = _query_side(Q, DO, LSE, DELTA, b * sqb + h * sqh, b * sdb + h * sdh, sqm, sdm,
-                                     bh, rows, Lq, offs_d, D, offs_dv, DV)
+                                     row0, rows, lq, offs_d, D, offs_dv, DV)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    kl = _key_limit(KL, b, Lk, HAS_LENGTHS)
-    kstart, kend = _key_range(pid_m, Lk, kl, offset, wl, wr, CAUSAL, WINDOW, BLOCK_M, BLOCK_N)
+    kl = _key_limit(KL, b, lk, HAS_LENGTHS)
+    kstart, kend = _key_range(pid_m, lk, kl, offset, wl, wr, CAUSAL, WINDOW, BLOCK_M, BLOCK_N)
+    if VARLEN:
+        if pid_m * BLOCK_M >= lq:  # a block past a short packed sequence: nothing to compute
+            kend = 0
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
     for start_n in range(kstart, kend, BLOCK_N):
         cols = start_n + offs_n
-        kt = _load_rows_t(k_base, cols, Lk, skn, offs_d, D)     # (BLOCK_D, BLOCK_N)
-        vt = _load_rows_t(v_base, cols, Lk, svn, offs_dv, DV)   # (BLOCK_DV, BLOCK_N)
-        p, ds = _probs_and_dscores(q, kt, vt, do, lse2, delta, b, h, bh, rows, cols, Lq, Lk, kl, offset, qk_scale,
+        kt = _load_rows_t(k_base, cols, lk, skn, offs_d, D)     # (BLOCK_D, BLOCK_N)
+        vt = _load_rows_t(v_base, cols, lk, svn, offs_dv, DV)   # (BLOCK_DV, BLOCK_N)
+        p, ds = _probs_and_dscores(q, kt, vt, do, lse2, delta, b, h, row0, rows, cols, lq, lk, kl, offset, qk_scale,
                                    M, smb, smh, smm, smn, seed, rng_offset, threshold, drop_scale,
-                                   start_n, AL, sab, softcap, wl, wr, CAUSAL, F32, MASK_KIND, DROPOUT,
+                                   start_n, AL, sab, softcap, wl, wr, Lk, CAUSAL, F32, MASK_KIND, DROPOUT,
                                    SOFTCAP, WINDOW, ALIBI, BLOCK_M, BLOCK_N)
         if F32:
             dq += tl.dot(ds.to(q.dtype), tl.trans(kt), input_precision=F32_PRECISION)
         else:
             dq += tl.dot(ds.to(q.dtype), tl.trans(kt))
     tl.store(DQ + b * sdqb + h * sdqh + rows[:, None] * sdqm + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
-             mask=(rows[:, None] < Lq) & (offs_d[None, :] < D))
+             mask=(rows[:, None] < lq) & (offs_d[None, :] < D))
 
 
 # --- configs ---------------------------------------------------------------------------------
@@ -436,7 +488,7 @@ CONFIGS["fwd_f32"] = {
 }
 CONFIGS["bwd_f32"] = {
     80: {64: [(16, 16, 4, 1)], 128: [(16, 16, 8, 2)], 256: [(32, 16, 16, 1)]},
-    90: {64: [(64, 16, 8, 1)], 128: [(32, 16, 8, 1)], 256: [(32, 16, 16, 1)]},
+    90: {64: [(32, 16, 8, 1)], 128: [(32, 16, 8, 1)], 256: [(32, 16, 16, 1)]},
 }
 NO_WGMMA = {("bwd", 90, 256), ("bwd_masked", 90, 256)} | {(k, 90, d) for k in ("fwd_f32", "bwd_f32")
                                                            for d in HEAD_DIM_CLASSES}
@@ -505,7 +557,7 @@ def _prep(t: torch.Tensor) -> torch.Tensor:
 def _extras(q, k, attn_mask, key_lengths, dropout_p, rng_state, softcap=0.0, window_left=-1, window_right=-1,
             alibi_slopes=None) -> tuple[list, list, list, dict]:
     """The kernels' optional arguments: pointers (M, KL), mask strides, the dropout scalars
-    followed by (AL, sab, softcap, wl, wr), and the flags."""
+    followed by (AL, sab, softcap, wl, wr, CUQ, CUK), and the flags."""
     B, H, Lq, Lk = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
     mask_kind, strides = 0, [0, 0, 0, 0]
     if attn_mask is not None:
@@ -526,7 +578,8 @@ def _extras(q, k, attn_mask, key_lengths, dropout_p, rng_state, softcap=0.0, win
     al = alibi_slopes.contiguous() if alibi_slopes is not None else _placeholder(q)
     sab = alibi_slopes.shape[1] if alibi_slopes is not None and alibi_slopes.dim() == 2 else 0
     scalars = [seed, offset, threshold, drop_scale, al, sab, float(softcap) if softcap > 0.0 else 1.0,
-               int(window_left), int(window_right)]
+               int(window_left), int(window_right), key_lengths if key_lengths is not None else q,
+               key_lengths if key_lengths is not None else q]  # CUQ, CUK: unused without VARLEN
     return pointers, strides, scalars, flags
 
 
@@ -620,3 +673,101 @@ def backward(grad_out, grad_lse, q, k, v, out, lse, causal: bool, bottom_right: 
     run_dq(_best_config("dq", q.device, key, run_dq, kind))
     return dq, dk, dv
 
+
+
+# --- packed batches (varlen) -------------------------------------------------------------------
+# The same kernels with VARLEN: program (query block, sequence x head) reads sequence b's
+# rows cu_seqlens[b] .. of the packed (total, heads, head_dim) tensors; programs past a short
+# sequence's end do nothing. The grid spans the longest sequence.
+
+def _varlen_extras(q, cu_q, cu_k, dropout_p, rng_state, softcap, window_left, window_right, alibi_slopes):
+    pointers, mstrides, scalars, flags = _extras(q, q, None, None, dropout_p, rng_state, softcap, window_left,
+                                                 window_right, alibi_slopes)
+    scalars[-2:] = [cu_q.contiguous(), cu_k.contiguous()]
+    flags["VARLEN"] = True
+    return pointers, mstrides, scalars, flags
+
+
+def _packed_strides(t):
+    """(sequence, head, row) strides of a packed (total, heads, X) tensor: rows start at
+    cu_seqlens, so the sequence stride is 0."""
+    return 0, t.stride(1), t.stride(0)
+
+
+def forward_varlen(q, k, v, cu_q, cu_k, max_q: int, max_k: int, causal: bool, scale: float, dropout_p: float = 0.0,
+                   rng_state=None, softcap: float = 0.0, window_left: int = -1, window_right: int = -1,
+                   alibi_slopes=None):
+    """Packed q (total_q, H, D), k (total_k, Hk, D), v (total_k, Hk, Dv), int32 cu_seqlens;
+    returns (out (total_q, H, Dv), lse (H, total_q) fp32). Causal bottom-right per sequence."""
+    from seqkernels.testing import poisoned_empty
+
+    q, k, v = _prep(q), _prep(k), _prep(v)
+    T, H, D = q.shape
+    Hk, DV = k.shape[1], v.shape[2]
+    B = cu_q.shape[0] - 1
+    out = poisoned_empty(T, H, DV, dtype=q.dtype, device=q.device)
+    lse = poisoned_empty(H, T, dtype=torch.float32, device=q.device)
+    if T == 0 or B == 0 or max_q == 0:
+        return out, lse.fill_(float("-inf"))
+    pointers, mstrides, drop, flags = _varlen_extras(q, cu_q, cu_k, dropout_p, rng_state, softcap, window_left,
+                                                     window_right, alibi_slopes)
+
+    def run(cfg):
+        bm, bn, warps, stages = cfg
+        _attn_fwd[(triton.cdiv(max_q, bm), B * H)](
+            q, k, v, out, lse, *pointers, *_packed_strides(q), *_packed_strides(k), *_packed_strides(v),
+            *_packed_strides(out), *mstrides, H, H // Hk, T, max(max_k, 1), D, DV, 0, scale * LOG2E, *drop,
+            CAUSAL=bool(causal), BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(DV), F32=q.dtype == torch.float32,
+            num_warps=warps, num_stages=stages, **flags)
+
+    key = (max(D, DV), bool(causal), q.dtype, triton.next_power_of_2(max_q), triton.next_power_of_2(max(max_k, 1)))
+    run(_best_config("fwd", q.device, key + tuple(flags.values()), run, _config_kind("fwd", q.dtype, flags)))
+    return out, lse
+
+
+def backward_varlen(grad_out, grad_lse, q, k, v, out, lse, cu_q, cu_k, max_q: int, max_k: int, causal: bool,
+                    scale: float, dropout_p: float = 0.0, rng_state=None, softcap: float = 0.0, window_left: int = -1,
+                    window_right: int = -1, alibi_slopes=None):
+    """Returns (dq, dk, dv) of forward_varlen; the optional arguments must be the forward's."""
+    from seqkernels.testing import poisoned_empty
+
+    q, k, v, do = _prep(q), _prep(k), _prep(v), _prep(grad_out.to(q.dtype))
+    T, H, D = q.shape
+    Tk, Hk, DV = k.shape[0], k.shape[1], v.shape[2]
+    B = cu_q.shape[0] - 1
+    dq = poisoned_empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = poisoned_empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = poisoned_empty(v.shape, dtype=v.dtype, device=v.device)
+    if T == 0 or Tk == 0 or B == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    # delta in the LSE's (H, total_q) layout (one O(n d) pass in torch)
+    delta = (do.float() * out.float()).sum(-1).t()
+    if grad_lse is not None:
+        delta = delta - grad_lse.float()
+    delta = delta.contiguous()
+    lse = lse.to(torch.float32).contiguous()
+    pointers, mstrides, drop, flags = _varlen_extras(q, cu_q, cu_k, dropout_p, rng_state, softcap, window_left,
+                                                     window_right, alibi_slopes)
+    common = dict(CAUSAL=bool(causal), BLOCK_D=_pow2(D), BLOCK_DV=_pow2(DV), F32=q.dtype == torch.float32, **flags)
+    key = (max(D, DV), bool(causal), q.dtype, triton.next_power_of_2(max(max_q, 1)),
+           triton.next_power_of_2(max(max_k, 1))) + tuple(flags.values())
+    mk = max(max_k, 1)
+
+    def run_dkdv(cfg):
+        bm, bn, warps, stages = cfg
+        _attn_bwd_dkdv[(triton.cdiv(mk, bn), B * Hk)](
+            q, k, v, do, lse, delta, dk, dv, *pointers, *_packed_strides(q), *_packed_strides(k), *_packed_strides(v),
+            *_packed_strides(do), *_packed_strides(dk), *_packed_strides(dv), *mstrides, H, Hk, H // Hk, T, mk, D, DV,
+            0, scale * LOG2E, scale, *drop, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **common)
+
+    def run_dq(cfg):
+        bm, bn, warps, stages = cfg
+        _attn_bwd_dq[(triton.cdiv(max(max_q, 1), bm), B * H)](
+            q, k, v, do, lse, delta, dq, *pointers, *_packed_strides(q), *_packed_strides(k), *_packed_strides(v),
+            *_packed_strides(do), *_packed_strides(dq), *mstrides, H, H // Hk, T, mk, D, DV, 0, scale * LOG2E, scale,
+            *drop, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **common)
+
+    kind = _config_kind("bwd", q.dtype, flags)
+    run_dkdv(_best_config("dkdv", q.device, key, run_dkdv, kind))
+    run_dq(_best_config("dq", q.device, key, run_dq, kind))
+    return dq, dk, dv

@@ -50,7 +50,7 @@ def test_every_config_is_compiled():
                    for suffix, variants in SUFFIXES
                    for arch in (80, 90) for cfgs in K.CONFIGS[kind + suffix][arch].values())
     assert len(rows) == expected
-    assert {r["mask"] for r in rows} == {"", "bool", "add", "features"}
+    assert {r["mask"] for r in rows} == {"", "bool", "add", "features", "varlen"}
     assert {r["dtype"] for r in rows} == {"fp16", "fp32"}
 
 

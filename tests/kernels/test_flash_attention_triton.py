@@ -257,3 +257,66 @@ def test_gpu_masked_sdpa_full_size(dtype, D):
         testing.assert_close(a, e, dtype, 10)
     _run_masked(2, 8, 2, 1031, 2053, D, True, True, dtype, mask=MASKS["bool-full"](2, 8, 1031, 2053),
                 key_lengths=torch.tensor([2053, 999]), dropout_p=0.1, tol=3)
+
+
+# --- packed batches (VARLEN) ------------------------------------------------------------------
+
+def _run_varlen(lq, lk, dtype, causal=True, H=4, Hk=2, D=16, Dv=16, dropout_p=0.0, **features):
+    g = torch.Generator().manual_seed(sum(lq) * 7 + sum(lk))
+    cu = lambda n: torch.tensor([0] + torch.tensor(n).cumsum(0).tolist(), dtype=torch.int32)  # noqa: E731
+    cq, ck = cu(lq), cu(lk)
+    q64 = torch.randn(sum(lq), H, D, generator=g, dtype=torch.float64)
+    k64 = torch.randn(sum(lk), Hk, D, generator=g, dtype=torch.float64)
+    v64 = torch.randn(sum(lk), Hk, Dv, generator=g, dtype=torch.float64)
+    q, k, v = (t.to(DEVICE, dtype) for t in (q64, k64, v64))
+    mq, mk = max(lq), max(lk)
+    scale = 1 / math.sqrt(D)
+    kw = dict(dropout_p=dropout_p, rng_state=torch.tensor([99, 4]), softcap=features.get("softcap", 0.0),
+              window_left=features.get("window", (-1, -1))[0], window_right=features.get("window", (-1, -1))[1],
+              alibi_slopes=None if features.get("alibi_slopes") is None else features["alibi_slopes"].to(DEVICE))
+    out, lse = K.forward_varlen(q, k, v, cq.to(DEVICE), ck.to(DEVICE), mq, mk, causal, scale, **kw)
+    keep = ref.dropout_keep_mask((1, H, sum(lq), mk), dropout_p, 99, 4) if dropout_p else None
+    qr, kr, vr = (t.to(dtype).double().requires_grad_() for t in (q64, k64, v64))
+    out_e, lse_e = ref.varlen_attention(qr, kr, vr, cq, ck, causal, scale, dropout_p=dropout_p, dropout_mask=keep,
+                                        **features)
+    go64 = torch.randn(out_e.shape, generator=g, dtype=torch.float64)
+    ge = torch.autograd.grad(out_e, (qr, kr, vr), go64)
+    ga = K.backward_varlen(go64.to(DEVICE, dtype), None, q, k, v, out, lse, cq.to(DEVICE), ck.to(DEVICE), mq, mk,
+                           causal, scale, **kw)
+    tol = 4 if dtype == torch.float32 else 2
+    testing.assert_close(out, out_e, dtype, tol, "out")
+    fin = torch.isfinite(lse_e)
+    assert torch.equal(torch.isfinite(lse).cpu(), fin), "rows without keys must have LSE -inf"
+    testing.assert_close(lse[fin.to(lse.device)], lse_e[fin], torch.float32, tol, "lse")
+    for name, a, e in zip(("dq", "dk", "dv"), ga, ge):
+        testing.assert_close(a, e, dtype, tol * 5, name)
+
+
+# lengths 1, primes, empty sequences, one long sequence among short ones (past the fixed
+# config's 64-row / 32-row blocks)
+VARLEN_LENGTHS = [([1, 1, 1], [1, 1, 1]), ([7, 13, 1, 31], [11, 13, 2, 29]), ([3, 150, 1], [5, 170, 2]),
+                  ([0, 5, 9, 0], [4, 0, 9, 3])]
+
+
+@pytest.mark.parametrize("lengths", range(len(VARLEN_LENGTHS)))
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_varlen(lengths, causal, dtype):
+    _run_varlen(*VARLEN_LENGTHS[lengths], dtype, causal=causal)
+
+
+@pytest.mark.parametrize("features", [dict(window=(20, 0)), dict(softcap=1.5), dict(alibi_slopes="batch"),
+                                      dict(dropout_p=0.3), dict(window=(9, 3), softcap=2.0, alibi_slopes="heads",
+                                                                dropout_p=0.2)], ids=str)
+def test_varlen_features(features):
+    features = dict(features)
+    if features.get("alibi_slopes") == "batch":
+        features["alibi_slopes"] = torch.rand(3, 4)
+    elif features.get("alibi_slopes") == "heads":
+        features["alibi_slopes"] = torch.rand(4)
+    dropout_p = features.pop("dropout_p", 0.0)
+    _run_varlen([3, 150, 1], [5, 170, 2], DTYPES[0], dropout_p=dropout_p, **features)
+
+
+def test_varlen_head_dims_and_heads():
+    _run_varlen([5, 70], [9, 70], DTYPES[0], H=8, Hk=1, D=96, Dv=64)

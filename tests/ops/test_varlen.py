@@ -214,23 +214,24 @@ def test_varlen_compile_does_not_recompile_per_batch():
     assert not any(n.target in (torch.ops.aten._local_scalar_dense.default,) for gm in compiles for n in gm.graph.nodes)
 
 
-def test_gpu_body_runs_the_exact_math():
-    """The CUDA body (no Triton varlen kernel yet) runs the reference one sequence at a time,
-    with the kernels' dropout counters; device-agnostic, checked here against the CPU op."""
+def test_float64_gpu_body_runs_the_exact_math():
+    """float64 on CUDA (gradcheck) runs the reference one sequence at a time, with the
+    kernels' dropout counters; device-agnostic, checked here against the CPU op (the other
+    dtypes run the Triton kernels: tests/kernels)."""
     from seqkernels.ops import varlen as varlen_ops
 
-    q, k, v, cq, ck, mq, mk = make_packed([3, 40, 1], [5, 40, 9], dtype=torch.float32)
+    q, k, v, cq, ck, mq, mk = make_packed([3, 40, 1], [5, 40, 9])
     q, k, v = (t.detach() for t in (q, k, v))
     rng = torch.tensor([123, 64])
     args = (q, k, v, cq, ck, mq, mk, True, 0.3, 0.25, rng, 1.5, 8, 0, torch.rand(3, 4))
     out, lse = varlen_ops._fwd_cuda(*args)
     e_out, e_lse = OPS.flash_attention_varlen_forward(*args)
-    testing.assert_close(out, e_out, torch.float32, 1.0, "out")
-    testing.assert_close(lse, e_lse, torch.float32, 1.0, "lse")
+    testing.assert_close(out, e_out, torch.float64, 1.0, "out")
+    testing.assert_close(lse, e_lse, torch.float64, 1.0, "lse")
     go = torch.randn_like(out)
     for a, e in zip(varlen_ops._bwd_cuda(go, None, q, k, v, out, lse, *args[3:]),
                     OPS.flash_attention_varlen_backward(go, None, q, k, v, e_out, e_lse, *args[3:])):
-        testing.assert_close(a, e, torch.float32, 4.0, "grad")
+        testing.assert_close(a, e, torch.float64, 4.0, "grad")
 
 
 def test_varlen_is_no_slower_than_the_padded_path():

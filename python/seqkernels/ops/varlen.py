@@ -63,8 +63,8 @@ torch.library.register_autograd("seqkernels::flash_attention_varlen_forward", _b
 forbid_double_backward("seqkernels::flash_attention_varlen_backward")
 
 
-# --- the exact math one sequence at a time: the CUDA body (no Triton varlen kernel yet) and
-# torch.func transforms ------------------------------------------------------------------
+# --- the CUDA body: the Triton flash kernels with VARLEN (kernels/flash_attention.py); float64
+# and torch.func transforms run the exact math one sequence at a time ----------------------
 
 def _materialized(q, k, v, cu_q, cu_k, max_k, causal, scale, dropout_p, rng_state, softcap, wl, wr, alibi):
     keep = None
@@ -83,9 +83,23 @@ def _check_values_eager(q, k, cu_q, cu_k, max_q, max_k, fn):
         _check_cu_values(cu, rows, top, name, fn)
 
 
+def _triton_kernels(q):
+    """The Triton kernels for float16 / bfloat16 / float32 (float64, for gradcheck, runs the
+    exact math)."""
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return None
+    from seqkernels.kernels import flash_attention as kernels
+
+    return kernels
+
+
 def _fwd_cuda(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, dropout_p=0.0, rng_state=None, softcap=0.0, wl=-1,
               wr=-1, alibi_slopes=None):
     _check_values_eager(q, k, cu_q, cu_k, max_q, max_k, "flash_attention_varlen_forward")
+    kernels = _triton_kernels(q)
+    if kernels is not None:
+        return kernels.forward_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, dropout_p, rng_state,
+                                      softcap, wl, wr, alibi_slopes)
     return _materialized(q, k, v, cu_q, cu_k, max_k, causal, scale, dropout_p, rng_state, softcap, wl, wr,
                          alibi_slopes)
 
@@ -93,6 +107,10 @@ def _fwd_cuda(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, dropout_p=0.0, r
 def _bwd_cuda(grad_out, grad_lse, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale, dropout_p=0.0,
               rng_state=None, softcap=0.0, wl=-1, wr=-1, alibi_slopes=None):
     _check_values_eager(q, k, cu_q, cu_k, max_q, max_k, "flash_attention_varlen_backward")
+    kernels = _triton_kernels(q)
+    if kernels is not None:
+        return kernels.backward_varlen(grad_out, grad_lse, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale,
+                                       dropout_p, rng_state, softcap, wl, wr, alibi_slopes)
     with torch.enable_grad():
         qw, kw, vw = (t.detach().requires_grad_() for t in (q, k, v))
         o, l = _materialized(qw, kw, vw, cu_q, cu_k, max_k, causal, scale, dropout_p, rng_state, softcap, wl, wr,
@@ -190,9 +208,8 @@ def flash_attention_varlen(
     Returns:
         out (total_q, heads, head_dim_v), or (out, lse). Differentiable in q, k, v.
 
-    On the CPU the flash kernel reads the packed rows in place and splits its work at
-    sequence boundaries: no tile spans two sequences. On a GPU, the exact materialized math
-    one sequence at a time for now (no Triton varlen kernel yet).
+    The flash kernels (C++ on the CPU, Triton on a GPU) read the packed rows in place and
+    split their work at sequence boundaries: no tile spans two sequences.
 
     Example::
 
