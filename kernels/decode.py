@@ -10,8 +10,11 @@ Two kernels, as in flash-decoding (split-K):
 
 Keys are found through the cache layout: contiguous (B, Hk, Lmax, D), or paged pools
 (num_blocks, Hk, block_size, D) with a block table (B, max_blocks) (PAGED). Sequence b has
-lens[b] keys; query i of a sequence sees key j < lens[b], and with CAUSAL
-j <= i + lens[b] - Lq. fp16 / bf16 / fp32 caches, fp32 accumulation and statistics.
+lens[b] keys; query i of a sequence sits at key position i + lens[b] - Lq and sees key
+j < lens[b], with CAUSAL j <= that position. Optional, as in the flash kernels
+(kernels/flash_attention.py): SOFTCAP, WINDOW (keys before the first row's window are never
+read) and ALIBI, on those positions. fp16 / bf16 / fp32 caches, fp32 accumulation and
+statistics.
 
 The CUDA body of ``seqkernels::flash_attention_kvcache`` (``kvcache_attention``) appends
 the new keys with torch indexing, then runs the two kernels. Without a GPU they run under
@@ -24,6 +27,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from .flash_attention import _logits
 
 LOG2E = 1.4426950408889634
 # Query rows per program: the G * Lq rows of a K/V head's group, in tiles of 16 (tl.dot's
@@ -40,10 +45,11 @@ CONFIGS = {"half": {64: [(64, 4, 1), (64, 8, 2)], 128: [(32, 4, 1), (64, 8, 1)],
 
 
 @triton.jit
-def _decode_split(Q, KC, VC, LENS, BT, PM, PL, PO,
-                  H, Hk, G, Lq, D, DV, rows_per_block, max_blocks, chunk, n_splits, qk_scale,
+def _decode_split(Q, KC, VC, LENS, BT, PM, PL, PO, AL,
+                  H, Hk, G, Lq, D, DV, rows_per_block, max_blocks, chunk, n_splits, qk_scale, softcap, wl, wr, sab,
                   CAUSAL: tl.constexpr, PAGED: tl.constexpr, F32: tl.constexpr, BLOCK_R: tl.constexpr,
-                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                  SOFTCAP: tl.constexpr = False, WINDOW: tl.constexpr = False, ALIBI: tl.constexpr = False):
     split = tl.program_id(0)
     bhk = tl.program_id(1)
     row_block = tl.program_id(2)
@@ -59,11 +65,21 @@ def _decode_split(Q, KC, VC, LENS, BT, PM, PL, PO,
     q = tl.load(Q + q_row[:, None] * D + offs_d[None, :], mask=(rows[:, None] < R) & (offs_d[None, :] < D), other=0.0)
     n_keys = tl.load(LENS + b).to(tl.int32)
     i = rows % Lq
+    qpos = i + n_keys - Lq  # each row's key position
     row_end = tl.where(rows < R, n_keys, 0)
     if CAUSAL:
-        row_end = tl.minimum(row_end, tl.maximum(i + n_keys - Lq + 1, 0))
+        row_end = tl.minimum(row_end, tl.maximum(qpos + 1, 0))
     lo = split * chunk
     hi = tl.minimum(lo + chunk, n_keys)
+    row_begin = tl.zeros([BLOCK_R], dtype=tl.int32)
+    if WINDOW:
+        if wr >= 0:
+            row_end = tl.minimum(row_end, tl.maximum(qpos + wr + 1, 0))
+        if wl >= 0:
+            row_begin = tl.maximum(qpos - wl, 0)
+            lo = tl.maximum(lo, n_keys - Lq - wl)  # query 0's window starts first
+    if ALIBI:
+        slope = tl.load(AL + b * sab + hk * G + rows // Lq, mask=rows < R, other=0.0) * 1.4426950408889634
     m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
     acc = tl.zeros([BLOCK_R, BLOCK_DV], dtype=tl.float32)
@@ -81,8 +97,13 @@ def _decode_split(Q, KC, VC, LENS, BT, PM, PL, PO,
             s = tl.dot(q, k, input_precision="ieee")
         else:
             s = tl.dot(q, k)
-        s = s * qk_scale
-        s = tl.where(pos[None, :] < row_end[:, None], s, float("-inf"))
+        s, _ = _logits(s, qk_scale, softcap, SOFTCAP)
+        if ALIBI:
+            s = s - slope[:, None] * tl.abs(qpos[:, None] - pos[None, :]).to(tl.float32)
+        seen = pos[None, :] < row_end[:, None]
+        if WINDOW:
+            seen = seen & (pos[None, :] >= row_begin[:, None])
+        s = tl.where(seen, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1), propagate_nan=tl.PropagateNan.ALL)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_safe)
@@ -147,7 +168,8 @@ def _splits(B: int, Hk: int, longest: int, block_n: int, device) -> int:
     return max(1, min(want, MAX_SPLITS, triton.cdiv(max(longest, 1), 4 * block_n)))
 
 
-def attention(q, k_cache, v_cache, lens, block_table, causal: bool, scale: float, longest: int):
+def attention(q, k_cache, v_cache, lens, block_table, causal: bool, scale: float, longest: int, softcap: float = 0.0,
+              window_left: int = -1, window_right: int = -1, alibi_slopes=None):
     """out (B, H, Lq, Dv) in q's dtype and lse (B, H, Lq) fp32 of q against the first lens[b]
     keys of each sequence's cache; ``longest`` = max(lens), known to the caller."""
     from seqkernels.testing import poisoned_empty
@@ -171,10 +193,14 @@ def attention(q, k_cache, v_cache, lens, block_table, causal: bool, scale: float
     bt = block_table if paged else lens
     rows_per_block = k_cache.shape[2]
     max_blocks = block_table.shape[1] if paged else 0
+    al = alibi_slopes.contiguous() if alibi_slopes is not None else pm
+    sab = alibi_slopes.shape[1] if alibi_slopes is not None and alibi_slopes.dim() == 2 else 0
     _decode_split[(n_splits, B * Hk, n_rb)](
-        q, k_cache, v_cache, lens, bt, pm, pl, po, H, Hk, G, Lq, D, DV, rows_per_block, max_blocks, chunk, n_splits,
-        scale * LOG2E, CAUSAL=bool(causal), PAGED=paged, F32=q.dtype == torch.float32, BLOCK_R=BLOCK_R,
-        BLOCK_N=block_n, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, num_warps=warps, num_stages=stages)
+        q, k_cache, v_cache, lens, bt, pm, pl, po, al, H, Hk, G, Lq, D, DV, rows_per_block, max_blocks, chunk,
+        n_splits, scale * LOG2E, float(softcap) if softcap > 0 else 1.0, int(window_left), int(window_right), sab,
+        CAUSAL=bool(causal), PAGED=paged, F32=q.dtype == torch.float32, BLOCK_R=BLOCK_R,
+        BLOCK_N=block_n, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, num_warps=warps, num_stages=stages,
+        SOFTCAP=softcap > 0, WINDOW=window_left >= 0 or window_right >= 0, ALIBI=alibi_slopes is not None)
     out = poisoned_empty(B, H, Lq, DV, dtype=q.dtype, device=q.device)
     lse = poisoned_empty(B, H, Lq, dtype=torch.float32, device=q.device)
     _decode_combine[(B * Hk, R)](pm, pl, po, out, lse, H, Hk, G, Lq, DV, n_splits, R_pad, BLOCK_DV=BLOCK_DV,
@@ -201,7 +227,8 @@ def append(k_cache, v_cache, k, v, seqlens, block_table) -> None:
     v_cache.view(-1, v_cache.shape[-1]).index_copy_(0, row, v.reshape(-1, v.shape[-1]).to(v_cache.dtype))
 
 
-def kvcache_attention(q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal, scale):
+def kvcache_attention(q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal, scale, softcap=0.0,
+                      window_left=-1, window_right=-1, alibi_slopes=None):
     """The op's body on a GPU (or, for tests, on CPU tensors under the interpreter). The
     Python API has checked every argument and value."""
     seqlens = cache_seqlens.to(torch.int64)
@@ -212,10 +239,12 @@ def kvcache_attention(q, k_cache, v_cache, k, v, cache_seqlens, block_table, cau
     if q.dtype == torch.float64:  # for gradcheck-style tests, not speed: the materialized math
         from seqkernels.reference.attention import kvcache_attention as ref
 
-        out, lse, _, _ = ref(q, k_cache, v_cache, None, None, lens.cpu(), block_table, causal, scale)
+        out, lse, _, _ = ref(q, k_cache, v_cache, None, None, lens.cpu(), block_table, causal, scale, softcap=softcap,
+                             window=(window_left, window_right), alibi_slopes=alibi_slopes)
         return out.to(q.device), lse.to(q.device)
     longest = int(lens.max()) if lens.numel() else 0
-    out, lse = attention(q, k_cache, v_cache, lens, block_table, causal, scale, longest)
+    out, lse = attention(q, k_cache, v_cache, lens, block_table, causal, scale, longest, softcap, window_left,
+                         window_right, alibi_slopes)
     return out, (lse.double() if q.dtype == torch.float64 else lse)
 
 
@@ -242,9 +271,10 @@ def aot_compile(kernel: str, arch: int, d: int, cfg: tuple, dtype: str, paged: b
     if kernel == "split":
         fn = _decode_split
         sig = {"Q": "*" + dtype, "KC": "*" + dtype, "VC": "*" + dtype, "LENS": "*i64", "BT": "*i32",
-               "PM": "*fp32", "PL": "*fp32", "PO": "*fp32"}
+               "PM": "*fp32", "PL": "*fp32", "PO": "*fp32", "AL": "*fp32"}
+        # the paged variant with every option on (softcap, window, ALiBi): the heaviest
         consts = dict(CAUSAL=causal, PAGED=paged, F32=dtype == "fp32", BLOCK_R=BLOCK_R, BLOCK_N=block_n, BLOCK_D=d,
-                      BLOCK_DV=d)
+                      BLOCK_DV=d, SOFTCAP=paged, WINDOW=paged, ALIBI=paged)
     else:
         fn = _decode_combine
         sig = {"PM": "*fp32", "PL": "*fp32", "PO": "*fp32", "O": "*" + dtype, "LSE": "*fp32"}
@@ -253,7 +283,7 @@ def aot_compile(kernel: str, arch: int, d: int, cfg: tuple, dtype: str, paged: b
         if name in consts:
             sig[name] = "constexpr"
         elif name not in sig:
-            sig[name] = "fp32" if name == "qk_scale" else "i32"
+            sig[name] = "fp32" if name in ("qk_scale", "softcap") else "i32"
     c = triton.compile(ASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", arch, 32),
                        options=dict(num_warps=warps, num_stages=stages))
     res = resources(c.asm["cubin"])

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.interpreter if DEVICE == "cpu" else pytest.mark.gpu
 DTYPES = [torch.float32, torch.float16] if DEVICE == "cpu" else [torch.float16, torch.bfloat16, torch.float32]
 
 
-def _run(B, H, Hk, Lq, D, seqlens, Lnew, paged, dtype, causal=True, poison_q=False):
+def _run(B, H, Hk, Lq, D, seqlens, Lnew, paged, dtype, causal=True, poison_q=False, **options):
     g = torch.Generator().manual_seed(B + H + Lq + Lnew + (paged or 0))
     if paged:
         per_seq = max((max(seqlens) + Lnew + paged - 1) // paged, 1)
@@ -38,10 +38,13 @@ def _run(B, H, Hk, Lq, D, seqlens, Lnew, paged, dtype, causal=True, poison_q=Fal
     k = None if k is None else k.to(dtype)
     v = None if v is None else v.to(dtype)
     e, el, ek, ev = ref.kvcache_attention(q.double(), kc.double(), vc.double(), None if k is None else k.double(),
-                                          None if v is None else v.double(), sl, table, causal, 0.3)
+                                          None if v is None else v.double(), sl, table, causal, 0.3, **options)
     dev = lambda t: None if t is None else t.to(DEVICE)  # noqa: E731
     kcd, vcd = dev(kc), dev(vc)
-    out, lse = D_.kvcache_attention(dev(q), kcd, vcd, dev(k), dev(v), dev(sl), dev(table), causal, 0.3)
+    window = options.get("window", (-1, -1))
+    out, lse = D_.kvcache_attention(dev(q), kcd, vcd, dev(k), dev(v), dev(sl), dev(table), causal, 0.3,
+                                    options.get("softcap", 0.0), window[0], window[1],
+                                    dev(options.get("alibi_slopes")))
     assert torch.equal(kcd.cpu().double(), ek) and torch.equal(vcd.cpu().double(), ev)
     tol = 2e-5 if dtype == torch.float32 else 4e-3
     out, lse = out.cpu().double(), lse.cpu().double()
@@ -96,3 +99,40 @@ def test_the_op_body_checks_values_itself(bad):
     with pytest.raises(ValueError):
         _cuda(q, kc, vc, k, v, sl, table, True, 0.25)
     assert torch.equal(kc, before[0]) and torch.equal(vc, before[1])
+
+
+# --- softcap, windows, ALiBi (positions on each sequence's own length) -----------------------
+
+@pytest.mark.parametrize("options", [dict(softcap=1.2), dict(window=(5, -1)), dict(window=(40, 0)),
+                                     dict(window=(3, 2)), dict(alibi_slopes="heads"), dict(alibi_slopes="batch"),
+                                     dict(softcap=2.0, window=(9, 0), alibi_slopes="heads")], ids=str)
+@pytest.mark.parametrize("paged", [None, 16])
+@pytest.mark.parametrize("causal", [True, False])
+def test_softcap_window_alibi(options, paged, causal):
+    options = dict(options)
+    if options.get("alibi_slopes") == "heads":
+        options["alibi_slopes"] = torch.rand(8)
+    elif options.get("alibi_slopes") == "batch":
+        options["alibi_slopes"] = torch.rand(3, 8)
+    # sequences of 0, 17 and 300 keys (several splits), 2 query rows, GQA 4
+    _run(3, 8, 2, 2, 32, [0, 17, 300], 2, paged, DTYPES[0], causal=causal, **options)
+
+
+def test_op_body_runs_the_triton_kernel_with_options():
+    """The CUDA body of the KV-cache op takes softcap, windows and ALiBi to the Triton
+    decode kernel (here under the interpreter) and writes the caches as the CPU op does."""
+    from seqkernels.ops import decode as decode_ops
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 2, 16, generator=g) for _ in range(3))
+    k, v = k[:, :2], v[:, :2]
+    kc, vc = torch.randn(2, 2, 40, 16, generator=g), torch.randn(2, 2, 40, 16, generator=g)
+    sl = torch.tensor([7, 30], dtype=torch.int32)
+    kc2, vc2 = kc.clone(), vc.clone()
+    slopes = torch.rand(4)
+    out, lse = decode_ops._cuda(q, kc, vc, k, v, sl, None, True, 0.25, 1.5, 9, 0, slopes)
+    e_out, e_lse = torch.ops.seqkernels.flash_attention_kvcache(q, kc2, vc2, k, v, sl, None, True, 0.25, 1.5, 9, 0,
+                                                                slopes)
+    assert torch.equal(kc, kc2) and torch.equal(vc, vc2) and lse.dtype == torch.float32
+    torch.testing.assert_close(out, e_out, rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(lse, e_lse, rtol=2e-5, atol=2e-5)

@@ -40,16 +40,8 @@ def _cuda(q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal, scale, 
     # the op body checks the values itself (the Python API leaves them to it off the CPU, and
     # a compiled graph skips the API's checks); the CPU op checks them in C++
     _check_values(k_cache, cache_seqlens, block_table, 0 if k is None else k.shape[2], "flash_attention_kvcache")
-    if softcap or window_left != -1 or window_right != -1 or alibi_slopes is not None:
-        # not in the Triton decode kernels yet: the exact math of the reference, then the same
-        # in-place writes
-        out, lse, kc, vc = _reference_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal, scale,
-                                              softcap=softcap, window=(window_left, window_right),
-                                              alibi_slopes=alibi_slopes)
-        k_cache.copy_(kc)
-        v_cache.copy_(vc)
-        return out, lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
-    return kernels.kvcache_attention(q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal, scale)
+    return kernels.kvcache_attention(q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal, scale, softcap,
+                                     window_left, window_right, alibi_slopes)
 
 
 torch.library.impl("seqkernels::flash_attention_kvcache", "CUDA", func=_cuda)
@@ -194,7 +186,6 @@ def flash_attention_with_kvcache(
             i + cache_seqlens[b] + Lnew - Lq). Keys before every row's window are never read.
         alibi_slopes: ALiBi slopes, float32 (heads,) or (batch, heads), as in
             :func:`seqkernels.flash_attention`, positions aligned as the window.
-            On a GPU, softcap, windows and ALiBi run the exact materialized math for now.
 
     Caches in float32, bfloat16 or float16 (and float64); half-precision caches are read as
     such and accumulated in float32. Inference only: raises if any input requires grad.
