@@ -40,8 +40,8 @@ MAX_SPLITS = 64
 # (BLOCK_N, num_warps, num_stages) by head-dim class; the first entry is the interpreter's.
 # The K/V tiles are gathered through per-element row pointers (the paged layout needs them),
 # which cost registers: the configs are the ones that compile without spills (aot_report).
-CONFIGS = {"half": {64: [(64, 4, 1), (64, 8, 2)], 128: [(32, 4, 1), (64, 8, 1)], 256: [(16, 4, 1), (32, 8, 1)]},
-           "f32": {64: [(64, 8, 1), (32, 8, 1)], 128: [(32, 4, 1), (64, 8, 1)], 256: [(16, 8, 1), (32, 8, 1)]}}
+CONFIGS = {"half": {64: [(64, 4, 1), (32, 8, 2)], 128: [(32, 4, 1), (64, 8, 1)], 256: [(16, 4, 1), (32, 8, 1)]},
+           "f32": {64: [(64, 8, 1), (32, 8, 1)], 128: [(32, 4, 1), (32, 8, 1)], 256: [(16, 8, 1), (32, 8, 1)]}}
 
 
 @triton.jit
