@@ -202,6 +202,23 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v)
   TORCH_CHECK(q.device() == k.device() && q.device() == v.device(), "flash_attention: q, k, v must be on one device");
 }
 
+// The backward's lse (a floating tensor of the given shape on q's device) and its optional
+// gradient (lse's shape); returns whether the gradient is given.
+bool check_lse_args(const at::Tensor& lse, const std::optional<at::Tensor>& grad_lse, at::IntArrayRef shape,
+                    const char* shape_name, const at::Tensor& q, const char* op) {
+  TORCH_CHECK(lse.sizes() == shape && at::isFloatingType(lse.scalar_type()) && lse.device() == q.device(), op,
+              ": lse must be a floating tensor of shape ", shape_name, " = ", shape, " on ", q.device(), ", got ",
+              lse.scalar_type(), " of shape ", lse.sizes());
+  const bool has = grad_lse.has_value() && grad_lse->defined();
+  if (has) {
+    TORCH_CHECK(grad_lse->sizes() == lse.sizes() && at::isFloatingType(grad_lse->scalar_type()) &&
+                    grad_lse->device() == q.device(),
+                op, ": grad_lse must be a floating tensor of lse's shape ", lse.sizes(), ", got ",
+                grad_lse->scalar_type(), " of shape ", grad_lse->sizes());
+  }
+  return has;
+}
+
 template <typename scalar_t>
 void forward_kernel(const Dims& d, const Layout& lay, const attention::Masking<scalar_t>& mk, const scalar_t* q,
                     const scalar_t* k, const scalar_t* v, scalar_t* out, scalar_t* lse, scalar_t scale) {
@@ -478,17 +495,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_backward_cpu(
   constexpr const char* op = "flash_attention_backward";
   check_arg(grad_out_, op, "grad_out", {d.B, d.H, d.Lq, d.Dv}, q);
   check_arg(out_, op, "out", {d.B, d.H, d.Lq, d.Dv}, q);
-  TORCH_CHECK(lse_.sizes() == at::IntArrayRef({d.B, d.H, d.Lq}) && at::isFloatingType(lse_.scalar_type()) &&
-                  lse_.device() == q.device(),
-              op, ": lse must be a floating tensor of shape (B, H, Lq) = ", at::IntArrayRef({d.B, d.H, d.Lq}),
-              " on ", q.device(), ", got ", lse_.scalar_type(), " of shape ", lse_.sizes());
-  const bool has_glse = grad_lse.has_value() && grad_lse->defined();
-  if (has_glse) {
-    TORCH_CHECK(grad_lse->sizes() == lse_.sizes() && at::isFloatingType(grad_lse->scalar_type()) &&
-                    grad_lse->device() == q.device(),
-                op, ": grad_lse must be a floating tensor of lse's shape ", lse_.sizes(), ", got ",
-                grad_lse->scalar_type(), " of shape ", grad_lse->sizes());
-  }
+  const bool has_glse = check_lse_args(lse_, grad_lse, {d.B, d.H, d.Lq}, "(B, H, Lq)", q, op);
   const at::Tensor dout = grad_out_.contiguous();
   const at::Tensor lse = lse_.contiguous().to(q.scalar_type());
   const MaskInputs mask_in = check_mask_inputs(d, q, attn_mask, key_lengths, alibi_slopes);
@@ -634,17 +641,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_varlen_backward_c
   const at::Tensor q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous();
   check_arg(grad_out_, op, "grad_out", {d.Lq, d.H, d.Dv}, q);
   check_arg(out_, op, "out", {d.Lq, d.H, d.Dv}, q);
-  TORCH_CHECK(lse_.sizes() == at::IntArrayRef({d.H, d.Lq}) && at::isFloatingType(lse_.scalar_type()) &&
-                  lse_.device() == q.device(),
-              op, ": lse must be a floating tensor of shape (H, total_q) = ", at::IntArrayRef({d.H, d.Lq}), ", got ",
-              lse_.scalar_type(), " of shape ", lse_.sizes());
-  const bool has_glse = grad_lse.has_value() && grad_lse->defined();
-  if (has_glse) {
-    TORCH_CHECK(grad_lse->sizes() == lse_.sizes() && at::isFloatingType(grad_lse->scalar_type()) &&
-                    grad_lse->device() == q.device(),
-                op, ": grad_lse must be a floating tensor of lse's shape ", lse_.sizes(), ", got ",
-                grad_lse->scalar_type(), " of shape ", grad_lse->sizes());
-  }
+  const bool has_glse = check_lse_args(lse_, grad_lse, {d.H, d.Lq}, "(H, total_q)", q, op);
   MaskInputs in;
   in.alibi = attention::checked_alibi_slopes(alibi_slopes, d.B, d.H, q, op);
   const at::Tensor dout = grad_out_.contiguous();
