@@ -219,6 +219,25 @@ bool check_lse_args(const at::Tensor& lse, const std::optional<at::Tensor>& grad
   return has;
 }
 
+// delta_i = rowsum(dO_i * O_i) - dlse_i, in the LSE's layout ((H, total_q) when packed): one
+// O(n d) pass, then O(n) memory.
+at::Tensor backward_delta(const at::Tensor& dout, const at::Tensor& out, const std::optional<at::Tensor>& grad_lse,
+                          bool has_glse, bool packed, at::ScalarType dtype) {
+  at::Tensor delta = (dout * out).sum(-1);
+  if (packed) delta = delta.t();
+  if (has_glse) delta = delta - grad_lse->to(dtype);
+  return delta.contiguous();
+}
+
+// The backward's dQ partials: one per key chunk, more than 1 only when (batch x kv heads)
+// alone cannot keep every thread busy.
+int64_t backward_chunks(const Dims& d) {
+  const int64_t tasks = d.B * d.Hk, threads = at::get_num_threads();
+  const int64_t nkb = (d.Lk + kBwdK - 1) / kBwdK;
+  if (tasks == 0 || tasks % threads == 0 || tasks >= 4 * threads) return 1;
+  return std::max<int64_t>(1, std::min<int64_t>(nkb, (4 * threads + tasks - 1) / tasks));
+}
+
 template <typename scalar_t>
 void forward_kernel(const Dims& d, const Layout& lay, const attention::Masking<scalar_t>& mk, const scalar_t* q,
                     const scalar_t* k, const scalar_t* v, scalar_t* out, scalar_t* lse, scalar_t scale) {
@@ -500,19 +519,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_backward_cpu(
   const at::Tensor lse = lse_.contiguous().to(q.scalar_type());
   const MaskInputs mask_in = check_mask_inputs(d, q, attn_mask, key_lengths, alibi_slopes);
 
-  // delta_i = rowsum(dO_i * O_i) - dlse_i: one O(n d) pass, then O(n) memory.
-  at::Tensor delta = (dout * out_).sum(-1);
-  if (has_glse) delta = delta - grad_lse->to(q.scalar_type());
-  delta = delta.contiguous();
-
-  // One dQ partial per key chunk. More chunks than 1 only when (batch x kv heads) alone
-  // cannot keep every thread busy.
-  const int64_t tasks = d.B * d.Hk, threads = at::get_num_threads();
-  const int64_t nkb = (d.Lk + kBwdK - 1) / kBwdK;
-  int64_t nchunks = 1;
-  if (tasks % threads != 0 && tasks < 4 * threads) {
-    nchunks = std::min<int64_t>(nkb, (4 * threads + tasks - 1) / tasks);
-  }
+  const at::Tensor delta = backward_delta(dout, out_, grad_lse, has_glse, false, q.scalar_type());
+  const int64_t nchunks = backward_chunks(d);
   at::Tensor dq = new_output({d.B, d.H, d.Lq, d.D}, q.options());
   at::Tensor dq_parts = nchunks == 1 ? dq.zero_() : at::zeros({nchunks, d.B, d.H, d.Lq, d.D}, q.options());
   at::Tensor dk = new_output({d.B, d.Hk, d.Lk, d.D}, q.options());
@@ -646,16 +654,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_varlen_backward_c
   in.alibi = attention::checked_alibi_slopes(alibi_slopes, d.B, d.H, q, op);
   const at::Tensor dout = grad_out_.contiguous();
   const at::Tensor lse = lse_.contiguous().to(q.scalar_type());
-  // delta in the LSE's (H, total_q) layout
-  at::Tensor delta = (dout * out_).sum(-1).t();
-  if (has_glse) delta = delta - grad_lse->to(q.scalar_type());
-  delta = delta.contiguous();
-  const int64_t tasks = d.B * d.Hk, threads = at::get_num_threads();
-  const int64_t nkb = (d.Lk + kBwdK - 1) / kBwdK;
-  int64_t nchunks = 1;
-  if (tasks % threads != 0 && tasks < 4 * threads) {
-    nchunks = std::max<int64_t>(1, std::min<int64_t>(nkb, (4 * threads + tasks - 1) / std::max<int64_t>(tasks, 1)));
-  }
+  const at::Tensor delta = backward_delta(dout, out_, grad_lse, has_glse, true, q.scalar_type());
+  const int64_t nchunks = backward_chunks(d);
   at::Tensor dq = new_output(q.sizes(), q.options());
   at::Tensor dq_parts = nchunks == 1 ? dq.zero_() : at::zeros({nchunks, d.Lq, d.H, d.D}, q.options());
   at::Tensor dk = new_output(k.sizes(), q.options());
