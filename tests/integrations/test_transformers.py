@@ -225,6 +225,17 @@ def test_packed_sequences_run_as_varlen_and_match_sdpa(family, calls):
     torch.testing.assert_close(ours[:1, 7:19], alone, rtol=1e-10, atol=1e-10)
 
 
+def test_packed_check_runs_once_per_forward(calls, monkeypatch):
+    # every layer gets the same mask and position_ids: the check reads them once
+    checks = []
+    inner = skt._find_packed
+    monkeypatch.setattr(skt, "_find_packed", lambda *a: checks.append(1) or inner(*a))
+    model = _build(_decoder_config("llama"), torch.float64)
+    ids, pos = _packed()
+    _logits(model, NAME, ids, position_ids=pos, use_cache=False)
+    assert calls["varlen"] == 2 and len(checks) == 1
+
+
 def test_packed_training_gradients_match_sdpa(calls):
     model = _build(_decoder_config("llama"), torch.float64).train()
     ids, pos = _packed()

@@ -241,6 +241,23 @@ def _packed_batch(query: Tensor, key: Tensor, mask: Optional[Tensor], position_i
     if (position_ids is None or mask is None or mask.dtype != torch.bool or not causal
             or torch.compiler.is_compiling() or query.dim() != 4):
         return None
+    # every layer gets the same mask tensor and position_ids: decide once per forward
+    cached = getattr(mask, _PACKED_ATTR, None)
+    if cached is not None and cached[0] is position_ids and cached[1] == (query.shape, key.shape[2], window):
+        return cached[2]
+    packed = _find_packed(query, key, mask, position_ids, window)
+    setattr(mask, _PACKED_ATTR, (position_ids, (query.shape, key.shape[2], window), packed))
+    return packed
+
+
+# The attribute where _packed_batch keeps its answer for a mask: (position_ids, shapes and
+# window it was computed for, answer).
+_PACKED_ATTR = "_seqkernels_packed"
+
+
+def _find_packed(query: Tensor, key: Tensor, mask: Tensor, position_ids: Tensor,
+                 window: Optional[int]) -> Optional[tuple[Tensor, int]]:
+    """_packed_batch's check itself (reads values: eager only)."""
     B, _, L, _ = query.shape
     if key.shape[2] != L or mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[-2:] != (L, L) \
             or mask.shape[0] not in (1, B) or position_ids.dim() != 2 or position_ids.shape[-1] != L:
