@@ -131,8 +131,8 @@ torch.library.impl("seqkernels::flash_attention_varlen_backward", "CUDA", func=_
 def _check_cu_values(cu: Tensor, rows: int, top: int, name: str, fn: str) -> None:
     """cu[0] = 0, non-decreasing, cu[-1] = rows, no sequence longer than top."""
     lengths = cu[1:] - cu[:-1]
-    first, last = int(cu[0]), int(cu[-1])
-    lo, hi = (int(x) for x in torch.aminmax(lengths)) if lengths.numel() else (0, 0)
+    lo, hi = torch.aminmax(lengths) if lengths.numel() else (cu[0] * 0, cu[0] * 0)
+    first, last, lo, hi = torch.stack([cu[0], cu[-1], lo, hi]).tolist()  # one read of the values
     if first != 0:
         raise ArgumentError(f"{fn}: {name}[0] must be 0, got {first}")
     if lo < 0:
@@ -161,8 +161,9 @@ def _check_varlen_args(q, k, cu_q, cu_k, max_q, max_k) -> None:
                                     f"graphs), got {type(m).__name__}")
         if isinstance(m, int) and m < 0:
             raise ArgumentError(f"{_FN}: {name} must be >= 0, got {m}")
-    if not (_is_symbolic(cu_q) or _is_symbolic(cu_k)):
-        # traced calls: the op checks the values when it runs
+    if q.device.type == "cpu" and not (_is_symbolic(cu_q) or _is_symbolic(cu_k)):
+        # off the CPU and in traced calls the op body checks the values when it runs (the CPU
+        # op in C++ too), so a GPU call reads cu_seqlens once
         _check_values_eager(q, k, cu_q, cu_k, max_q, max_k, _FN)
 
 
