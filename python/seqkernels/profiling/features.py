@@ -38,7 +38,7 @@ def _runner(tensors, go, backward: bool):
             if backward:
                 for t in tensors:
                     t.grad = None
-                f().backward(go() if callable(go) else go)
+                f().backward(go)
             else:
                 with torch.no_grad():
                     f()
