@@ -575,17 +575,11 @@ def _extras(q, k, attn_mask, key_lengths, dropout_p, rng_state, softcap=0.0, win
     window = window_left >= 0 or window_right >= 0
     flags = dict(MASK_KIND=mask_kind, HAS_LENGTHS=key_lengths is not None, DROPOUT=dropout_p > 0.0,
                  SOFTCAP=softcap > 0.0, WINDOW=window, ALIBI=alibi_slopes is not None)
-    al = alibi_slopes.contiguous() if alibi_slopes is not None else _placeholder(q)
+    al = alibi_slopes.contiguous() if alibi_slopes is not None else q  # q: a pointer ALIBI=False never reads
     sab = alibi_slopes.shape[1] if alibi_slopes is not None and alibi_slopes.dim() == 2 else 0
     scalars = [seed, offset, threshold, drop_scale, al, sab, float(softcap) if softcap > 0.0 else 1.0,
-               int(window_left), int(window_right), key_lengths if key_lengths is not None else q,
-               key_lengths if key_lengths is not None else q]  # CUQ, CUK: unused without VARLEN
+               int(window_left), int(window_right), q, q]  # CUQ, CUK: unused without VARLEN
     return pointers, strides, scalars, flags
-
-
-def _placeholder(q):
-    """An fp32 pointer for a disabled pointer argument (never read)."""
-    return torch.empty(1, dtype=torch.float32, device=q.device)
 
 
 def _any(flags: dict) -> bool:
