@@ -133,20 +133,18 @@ def flash_attention(
     if softcap:
         scores = softcap * torch.tanh(scores / softcap)
     Lq, Lk = q.shape[-2], k.shape[-2]
+    # query i sits at key position i + off (the causal alignment), for ALiBi and the window
+    i = torch.arange(Lq, device=q.device)[:, None] + (Lk - Lq if bottom_right else 0)
+    j = torch.arange(Lk, device=q.device)[None, :]
     if alibi_slopes is not None:
-        pos = torch.arange(Lq, device=q.device)[:, None] + (Lk - Lq if bottom_right else 0)
-        dist = (pos - torch.arange(Lk, device=q.device)[None, :]).abs().to(scores.dtype)
         slopes = alibi_slopes.to(scores.dtype)
         slopes = slopes[:, :, None, None] if slopes.dim() == 2 else slopes[None, :, None, None]
-        scores = scores - slopes * dist
+        scores = scores - slopes * (i - j).abs().to(scores.dtype)
     if causal:
         mask = causal_mask(Lq, Lk, bottom_right=bottom_right, device=q.device)
         scores = scores.masked_fill(~mask, float("-inf"))
     left, right = window
     if left >= 0 or right >= 0:
-        off = Lk - Lq if bottom_right else 0
-        i = torch.arange(Lq, device=q.device)[:, None] + off
-        j = torch.arange(Lk, device=q.device)[None, :]
         inside = torch.ones(Lq, Lk, dtype=torch.bool, device=q.device)
         if left >= 0:
             inside &= j >= i - left
