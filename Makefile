@@ -1,4 +1,7 @@
-# make test       create .venv if needed, install the pinned development set, build, run the CPU tests
+# make test       create .venv if needed, install the pinned development set, build, run the CPU tests,
+#                 then the op tests once more under every other CPU capability this machine runs
+# make wheel-check  build a wheel (pip wheel .), install it into a fresh venv, smoke-test it with
+#                 the avx2 kernels forced
 # make bench      the default CPU benchmark suite: speed and memory tables, JSON/CSV/PNG in bench/results/
 # make gpu-check  on a GPU machine with no network: build with the system Python, run `pytest -m gpu`
 # make clean      remove build outputs (keeps .venv)
@@ -12,10 +15,20 @@ SOURCES := setup.py pyproject.toml $(shell find csrc -type f \( -name '*.cpp' -o
 DEPS_STAMP  := $(VENV)/.deps-installed
 BUILD_STAMP := build/.built
 
-.PHONY: test bench venv build gpu-check clean
+.PHONY: test test-cpu-paths bench venv build gpu-check wheel-check clean
 
 test: $(BUILD_STAMP)
 	$(VPY) -m pytest tests -q
+	$(MAKE) --no-print-directory test-cpu-paths
+
+# The CPU kernels are built once per ISA and one is loaded per process (python/seqkernels/_cpu.py):
+# the full suite above ran the best one; the attention, decode and recurrent op tests run again under
+# each other capability the CPU supports (about a minute each on 2 cores).
+test-cpu-paths: $(BUILD_STAMP)
+	@for cap in $$($(VPY) -c "from seqkernels import _C, _cpu; print(' '.join(c for c in _cpu.supported(dict(_C.cpu_features())) if c in _cpu.built() and c != _cpu.capability))"); do \
+		echo "== tests/ops with SEQKERNELS_CPU_CAPABILITY=$$cap"; \
+		SEQKERNELS_CPU_CAPABILITY=$$cap $(VPY) -m pytest tests/ops -q -p no:cacheprovider || exit 1; \
+	done
 
 # About 26 minutes on the 2-core CPU machine (speed sweep of every op family, 3.5 min; decode, 3 min;
 # a small Llama in transformers, 15 min; then memory).
@@ -50,5 +63,20 @@ gpu-check:
 	PYTHONPATH=$(CURDIR)/$(GPU_SITE) $(PYTHON) -m seqkernels
 	PYTHONPATH=$(CURDIR)/$(GPU_SITE) $(PYTHON) -m pytest tests -m gpu -q -rs -p no:cacheprovider
 
+# A wheel as a user would build it (pip wheel ., build isolation off: the build needs the torch it
+# runs with), installed with no dependencies into a fresh venv that sees .venv's torch through a
+# .pth file, then imported from outside the source tree with the baseline kernels forced.
+WHEEL_DIR := build/wheel
+wheel-check: $(DEPS_STAMP)
+	rm -rf $(WHEEL_DIR) && mkdir -p $(WHEEL_DIR)
+	MAX_JOBS=$(JOBS) $(VPY) -m pip wheel -q --no-build-isolation --no-deps -w $(WHEEL_DIR) .
+	$(PYTHON) -m venv $(WHEEL_DIR)/venv
+	$(VPY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])" > $$($(WHEEL_DIR)/venv/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/dev-torch.pth
+	$(WHEEL_DIR)/venv/bin/python -m pip install -q --no-deps --no-index $(WHEEL_DIR)/seqkernels-*.whl
+	cd $(WHEEL_DIR) && SEQKERNELS_CPU_CAPABILITY=avx2 venv/bin/python $(CURDIR)/tests/wheel_smoke.py > smoke.log
+	@cat $(WHEEL_DIR)/smoke.log
+	@grep -q "^capability avx2$$" $(WHEEL_DIR)/smoke.log && grep -q "^modules \['_cpu_avx2'\]$$" $(WHEEL_DIR)/smoke.log \
+		&& grep -q "^imported from $(CURDIR)/$(WHEEL_DIR)/venv/" $(WHEEL_DIR)/smoke.log && echo "wheel-check: passed"
+
 clean:
-	rm -rf build dist *.egg-info python/seqkernels/_C*.so
+	rm -rf build dist *.egg-info python/seqkernels/_C*.so python/seqkernels/_cpu_*.so

@@ -2,9 +2,11 @@
 //
 // Every op is declared here, in one place, with its schema. Its CPU body lives next to
 // its family (csrc/rnn/, csrc/attention/) and registers itself with
-// TORCH_LIBRARY_IMPL(seqkernels, CPU, m); CUDA bodies register for CUDA (C++) or from
-// Python (Triton). Fake kernels and autograd are registered from Python
-// (python/seqkernels/ops/).
+// TORCH_LIBRARY_IMPL(seqkernels, CPU, m) from the CPU kernel module of one ISA
+// (csrc/cpu/module.cpp), which Python loads after this one; CUDA bodies register for CUDA
+// (C++, in this module) or from Python (Triton). Fake kernels and autograd are registered
+// from Python (python/seqkernels/ops/). This module is compiled for the baseline of its
+// architecture (no -march): it must load on every CPU, to tell which kernels can run.
 
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
@@ -16,11 +18,6 @@ namespace seqkernels {
 
 std::atomic<bool>& poison_outputs_flag() {
   static std::atomic<bool> flag{false};
-  return flag;
-}
-
-std::atomic<bool>& decode_regime_flag() {
-  static std::atomic<bool> flag{true};
   return flag;
 }
 
@@ -124,17 +121,28 @@ pybind11::dict build_info() {
 #else
   d["openmp"] = false;
 #endif
-  std::string isa;
-#if defined(__AVX512F__)
-  isa = "avx512";
-#elif defined(__AVX2__)
-  isa = "avx2";
-#elif defined(__ARM_NEON)
-  isa = "neon";
+  return d;
+}
+
+// What this CPU can run, from cpuid and the OS's saved register state (libgcc's
+// __builtin_cpu_supports checks both): the features each CPU kernel module needs.
+pybind11::dict cpu_features() {
+  pybind11::dict d;
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  d["x86"] = true;
+  d["avx2"] = __builtin_cpu_supports("avx2") != 0;
+  d["fma"] = __builtin_cpu_supports("fma") != 0;
+  d["f16c"] = __builtin_cpu_supports("f16c") != 0;
+  d["avx512f"] = __builtin_cpu_supports("avx512f") != 0;
+  d["avx512bw"] = __builtin_cpu_supports("avx512bw") != 0;
+  d["avx512dq"] = __builtin_cpu_supports("avx512dq") != 0;
+  d["avx512vl"] = __builtin_cpu_supports("avx512vl") != 0;
+  d["avx512cd"] = __builtin_cpu_supports("avx512cd") != 0;
+  d["avx512bf16"] = __builtin_cpu_supports("avx512bf16") != 0;
 #else
-  isa = "generic";
+  d["x86"] = false;
 #endif
-  d["cpu_isa_compiled"] = isa;
   return d;
 }
 
@@ -143,16 +151,12 @@ pybind11::dict build_info() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "seqkernels compiled core: op registrations and build facts";
   m.def("build_info", &build_info, "Facts about how seqkernels._C was built");
+  m.def("cpu_features", &cpu_features, "The instruction-set features of this CPU that the CPU kernel modules need");
   m.def(
       "set_poison_outputs",
       [](bool on) { return seqkernels::poison_outputs_flag().exchange(on); },
-      "Fill every kernel output with NaN before the kernel writes it; returns the previous setting");
+      "Fill every CUDA kernel output with NaN before the kernel writes it; returns the previous setting");
   m.def(
       "poison_outputs", []() { return seqkernels::poison_outputs_flag().load(); },
       "Whether kernel outputs are NaN-poisoned");
-  m.def(
-      "set_decode_regime",
-      [](bool on) { return seqkernels::decode_regime_flag().exchange(on); },
-      "Let flash_attention take the decode kernel for few query rows per K/V head (default on); returns the "
-      "previous setting. Off: the general kernel only (for benchmarks and tests)");
 }

@@ -34,7 +34,7 @@
 #include <vector>
 
 #include "../common.h"
-#include "../cpu_utils.h"
+#include "../cpu/utils.h"
 #include "decode.h"
 #include "masking.h"
 

@@ -8,7 +8,7 @@
 
 #include <cstring>
 
-#include "../cpu_utils.h"
+#include "../cpu/utils.h"
 #include "cell_math.h"
 #include "rnn_layer.h"
 

@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from . import _C
+from . import _C, _cpu
 
 
 def _triton_version() -> str | None:
@@ -25,7 +25,9 @@ def build_info() -> dict:
     (torch's CUDA version, None for a CPU build), ``cuda_compiled`` (whether the CUDA
     sources were compiled into ``seqkernels._C``), ``cuda_archs``, ``gpu_visible``,
     ``gpu_name``, ``triton_interpret`` (``TRITON_INTERPRET=1``), ``cpu_threads``,
-    ``cpu_isa_compiled``, ``openmp`` and ``parallel_backend``.
+    ``cpu_capability`` (the ISA build of the CPU kernels running: avx2, avx512 or
+    avx512_bf16; ``default`` off x86), ``cpu_capabilities_built``, ``cpu_capabilities_supported``
+    (by this CPU), ``openmp`` and ``parallel_backend``.
     """
     from . import __version__
 
@@ -43,7 +45,9 @@ def build_info() -> dict:
         "gpu_name": torch.cuda.get_device_name() if gpu else None,
         "triton_interpret": os.environ.get("TRITON_INTERPRET", "0") == "1",
         "cpu_threads": torch.get_num_threads(),
-        "cpu_isa_compiled": native["cpu_isa_compiled"],
+        "cpu_capability": _cpu.capability,
+        "cpu_capabilities_built": _cpu.built(),
+        "cpu_capabilities_supported": _cpu.supported(dict(_C.cpu_features())),
         "openmp": native["openmp"],
         "parallel_backend": native["parallel_backend"].splitlines()[-1].strip()
         if native["parallel_backend"]

@@ -14,7 +14,7 @@ import random
 
 import torch
 
-from . import _C
+from . import _C, _cpu
 
 #: (rtol, atol) for comparing a result computed in ``dtype`` against a float64 reference.
 #: float64 is tight: kernels and references differ only in summation order.
@@ -57,11 +57,11 @@ def seed(s: int = 0) -> None:
 @contextlib.contextmanager
 def poison_outputs(on: bool = True):
     """Within the block, every output a seqkernels kernel allocates is NaN-filled first."""
-    prev = _C.set_poison_outputs(on)
+    prev = _cpu.set_poison_outputs(on)
     try:
         yield
     finally:
-        _C.set_poison_outputs(prev)
+        _cpu.set_poison_outputs(prev)
 
 
 def poisoned_empty(*sizes, **kwargs) -> torch.Tensor:
@@ -78,8 +78,8 @@ def poisoned_empty(*sizes, **kwargs) -> torch.Tensor:
 @contextlib.contextmanager
 def decode_regime(on: bool):
     """Within the block, flash_attention may (on) or may not (off) take the CPU decode kernel."""
-    prev = _C.set_decode_regime(on)
+    prev = _cpu.set_decode_regime(on)
     try:
         yield
     finally:
-        _C.set_decode_regime(prev)
+        _cpu.set_decode_regime(prev)

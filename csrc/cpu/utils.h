@@ -1,10 +1,15 @@
 // CPU building blocks shared by the CPU kernels: at::vec with the ISA this file is
 // compiled for, row-major GEMM on raw pointers, and vectorized row operations.
+//
+// Every CPU kernel is compiled once per ISA (csrc/cpu/module.cpp, setup.py): avx2 (AVX2,
+// FMA, F16C), avx512 (plus AVX-512 F/BW/DQ/VL/CD), avx512_bf16 (plus AVX512-BF16);
+// seqkernels loads the one module the CPU can run (python/seqkernels/_cpu.py).
 #pragma once
 
 // at::vec picks its implementation from CPU_CAPABILITY_* macros that torch's own build
 // defines per ISA. An extension has to define them itself: follow what the compiler
-// targets (-march, see setup.py), so the AVX512/AVX2 paths are used when available.
+// targets, so each module gets at::vec's AVX512 or AVX2 code (otherwise at::vec is its
+// generic code: loops over 8 lanes and a scalar exp).
 #if !defined(CPU_CAPABILITY)
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__)
 #define CPU_CAPABILITY_AVX512
