@@ -405,6 +405,102 @@ std::tuple<at::Tensor, at::Tensor> flash_attention_forward_cpu(
 // the same dK/dV row. dQ gets one partial per key chunk, summed in chunk order at the
 // end: the result does not depend on scheduling (it is bitwise reproducible for a given
 // thread count, which fixes the number of chunks).
+// The backward's five tile products, for one key block (cols keys of K, V) and one query tile
+// (rows of Q, dO) at a time. float32 on AVX-512: the packed-panel micro-kernel
+// (cpu/utils.h), with the key block's K and V packed when the block starts (three packs,
+// reused by every query tile of every head of the group) and the tile's Q and dO when it
+// starts; P and dS are read in place, transposed where a product needs P^T or dS^T. MKL's
+// sgemm, which these products called before, runs its AVX2 code on the AMD machines here.
+// float64, and builds without AVX-512: BLAS on the tiles as they are.
+template <typename scalar_t>
+class BackwardTiles {
+ public:
+  explicit BackwardTiles(const Dims& d) : D_(d.D), Dv_(d.Dv) {
+#if defined(__AVX512F__)
+    if constexpr (kPanels) {
+      const int64_t sizes[] = {panel_floats(kBwdK, D_), panel_floats(kBwdK, Dv_), panel_floats(D_, kBwdK),
+                               panel_floats(D_, kBwdQ), panel_floats(Dv_, kBwdQ)};
+      int64_t total = 0;
+      for (int64_t n : sizes) total += n;
+      buf_ = at::empty({total}, at::kFloat);  // 64-byte aligned; every size is a multiple of 64 floats
+      float* p = buf_.mutable_data_ptr<float>();
+      float** dst[] = {&kt_, &vt_, &kn_, &qn_, &don_};
+      for (int i = 0; i < 5; ++i) {
+        *dst[i] = p;
+        p += sizes[i];
+      }
+    }
+#endif
+  }
+
+  void key_block(const scalar_t* K, int64_t krs, const scalar_t* V, int64_t vrs, int64_t cols) {
+    K_ = K, krs_ = krs, V_ = V, vrs_ = vrs, cols_ = cols;
+#if defined(__AVX512F__)
+    if constexpr (kPanels) {
+      pack_nk_into(kt_, K, krs, cols, D_);   // S = Q K^T
+      pack_nk_into(vt_, V, vrs, cols, Dv_);  // dP = dO V^T
+      pack_kn_into(kn_, K, krs, cols, D_);   // dQ += dS K
+    }
+#endif
+  }
+
+  void query_tile(const scalar_t* Q, int64_t qrs, const scalar_t* dO, int64_t ors, int64_t rows) {
+    Q_ = Q, qrs_ = qrs, dO_ = dO, ors_ = ors, rows_ = rows;
+#if defined(__AVX512F__)
+    if constexpr (kPanels) {
+      pack_kn_into(qn_, Q, qrs, rows, D_);     // dK += dS^T Q
+      pack_kn_into(don_, dO, ors, rows, Dv_);  // dV += P^T dO
+    }
+#endif
+  }
+
+  // S (rows x cols) = scale Q K^T
+  void scores(scalar_t* S, scalar_t scale) const {
+#if defined(__AVX512F__)
+    if constexpr (kPanels) return panel_gemm<false>(rows_, cols_, D_, Q_, qrs_, kt_, S, cols_, scale, false);
+#endif
+    gemm_rm<scalar_t>(N, T, rows_, cols_, D_, scale, Q_, qrs_, K_, krs_, 0, S, cols_);
+  }
+  // dV (cols x Dv, row stride vrs) += P^T dO, P (rows x cols)
+  void grad_v(const scalar_t* P, scalar_t* dV, int64_t vrs) const {
+#if defined(__AVX512F__)
+    if constexpr (kPanels) return panel_gemm<true>(cols_, Dv_, rows_, P, cols_, don_, dV, vrs, 1.f, true);
+#endif
+    gemm_rm<scalar_t>(T, N, cols_, Dv_, rows_, 1, P, cols_, dO_, ors_, 1, dV, vrs);
+  }
+  // dP (rows x cols) = dO V^T
+  void grad_p(scalar_t* dP) const {
+#if defined(__AVX512F__)
+    if constexpr (kPanels) return panel_gemm<false>(rows_, cols_, Dv_, dO_, ors_, vt_, dP, cols_, 1.f, false);
+#endif
+    gemm_rm<scalar_t>(N, T, rows_, cols_, Dv_, 1, dO_, ors_, V_, vrs_, 0, dP, cols_);
+  }
+  // dK (cols x D, row stride krs) += scale dS^T Q
+  void grad_k(const scalar_t* dS, scalar_t* dK, int64_t krs, scalar_t scale) const {
+#if defined(__AVX512F__)
+    if constexpr (kPanels) return panel_gemm<true>(cols_, D_, rows_, dS, cols_, qn_, dK, krs, scale, true);
+#endif
+    gemm_rm<scalar_t>(T, N, cols_, D_, rows_, scale, dS, cols_, Q_, qrs_, 1, dK, krs);
+  }
+  // dQ (rows x D, row stride qrs) += scale dS K
+  void grad_q(const scalar_t* dS, scalar_t* dQ, int64_t qrs, scalar_t scale) const {
+#if defined(__AVX512F__)
+    if constexpr (kPanels) return panel_gemm<false>(rows_, D_, cols_, dS, cols_, kn_, dQ, qrs, scale, true);
+#endif
+    gemm_rm<scalar_t>(N, N, rows_, D_, cols_, scale, dS, cols_, K_, krs_, 1, dQ, qrs);
+  }
+
+ private:
+#if defined(__AVX512F__)
+  static constexpr bool kPanels = std::is_same_v<scalar_t, float>;
+#endif
+  int64_t D_, Dv_;
+  const scalar_t *K_ = nullptr, *V_ = nullptr, *Q_ = nullptr, *dO_ = nullptr;
+  int64_t krs_ = 0, vrs_ = 0, qrs_ = 0, ors_ = 0, cols_ = 0, rows_ = 0;
+  at::Tensor buf_;
+  float *kt_ = nullptr, *vt_ = nullptr, *kn_ = nullptr, *qn_ = nullptr, *don_ = nullptr;
+};
+
 template <typename scalar_t>
 void backward_kernel(const Dims& d, const Layout& lay, const attention::Masking<scalar_t>& mk, int64_t nchunks,
                      const scalar_t* q, const scalar_t* k,
@@ -417,6 +513,7 @@ void backward_kernel(const Dims& d, const Layout& lay, const attention::Masking<
     std::vector<scalar_t> p_buf(kBwdQ * kBwdK), dp_buf(kBwdQ * kBwdK);
     std::vector<scalar_t> z_buf(mk.has_dropout() ? kBwdQ * kBwdK : 0);
     std::vector<scalar_t> g_buf(mk.has_softcap() ? kBwdQ * kBwdK : 0);  // the cap's slope, 0 where unused
+    BackwardTiles<scalar_t> tiles(d);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t chunk = task % nchunks, bhk = task / nchunks;
       const int64_t b = bhk / d.Hk, hk = bhk % d.Hk;
@@ -435,6 +532,7 @@ void backward_kernel(const Dims& d, const Layout& lay, const attention::Masking<
           std::fill(dV + c * vrs, dV + c * vrs + d.Dv, scalar_t(0));
         }
         if (j0 >= mk.key_limit(b)) continue;  // padding keys: zero gradients, no work
+        tiles.key_block(K, krs, V, vrs, cols);
         const int64_t qstart = mk.first_query(b, j0), qend = mk.query_end(b, j0 + cols - 1);
         for (int64_t h = hk * d.G; h < (hk + 1) * d.G; ++h) {
           for (int64_t i0 = qstart; i0 < qend; i0 += kBwdQ) {
@@ -448,7 +546,8 @@ void backward_kernel(const Dims& d, const Layout& lay, const attention::Masking<
             scalar_t* P = p_buf.data();
             scalar_t* dS = dp_buf.data();
             scalar_t* G = g_buf.data();
-            gemm_rm<scalar_t>(N, T, rows, cols, d.D, scale, Q, qrs, K, krs, 0, P, cols);
+            tiles.query_tile(Q, qrs, dO, ors, rows);
+            tiles.scores(P, scale);
             for (int64_t r = 0; r < rows; ++r) {
               scalar_t* prow = P + r * cols;
               if (LSE[r] == kNegInf) {
@@ -471,11 +570,11 @@ void backward_kernel(const Dims& d, const Layout& lay, const attention::Masking<
             if (mk.has_dropout()) {  // dS holds P * Z for the dV product, then dO V^T
               for (int64_t r = 0; r < rows; ++r) mk.dropout_row(Z + r * cols, b, h, i0 + r, j0, cols);
               at::vec::map2([](Vec p, Vec z) { return p * z; }, dS, P, Z, rows * cols);
-              gemm_rm<scalar_t>(T, N, cols, d.Dv, rows, 1, dS, cols, dO, ors, 1, dV, vrs);
+              tiles.grad_v(dS, dV, vrs);
             } else {
-              gemm_rm<scalar_t>(T, N, cols, d.Dv, rows, 1, P, cols, dO, ors, 1, dV, vrs);
+              tiles.grad_v(P, dV, vrs);
             }
-            gemm_rm<scalar_t>(N, T, rows, cols, d.Dv, 1, dO, ors, V, vrs, 0, dS, cols);
+            tiles.grad_p(dS);
             for (int64_t r = 0; r < rows; ++r) {
               const Vec dl(DELTA[r]);
               scalar_t* dsrow = dS + r * cols;
@@ -490,8 +589,8 @@ void backward_kernel(const Dims& d, const Layout& lay, const attention::Masking<
                 at::vec::map2([](Vec ds, Vec g) { return ds * g; }, dsrow, dsrow, G + r * cols, cols);
               }
             }
-            gemm_rm<scalar_t>(T, N, cols, d.D, rows, scale, dS, cols, Q, qrs, 1, dK, krs);
-            gemm_rm<scalar_t>(N, N, rows, d.D, cols, scale, dS, cols, K, krs, 1, dQp + lay.q.at(b, h, i0), qrs);
+            tiles.grad_k(dS, dK, krs, scale);
+            tiles.grad_q(dS, dQp + lay.q.at(b, h, i0), qrs, scale);
           }
         }
       }

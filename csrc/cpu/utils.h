@@ -342,8 +342,10 @@ inline void gemv_rows(const float* w, int64_t rows, int64_t k, const float* x, i
 }
 
 #if defined(__AVX512F__)
-// One operand pair of a panel product: A (rows x K, row stride lda) and a panel (K x 64,
-// k-major: panel[k * 64 + n], 64-byte aligned).
+// One operand pair of a panel product: A (rows x K) and a panel (K x 64, k-major:
+// panel[k * 64 + n], 64-byte aligned). Element (r, k) of A is a[r * lda + k], or a[k * lda + r]
+// when the kernel is instantiated with AT (A stored transposed: the attention backward's
+// P^T dO and dS^T Q read the P and dS tiles as they are).
 struct PanelInput {
   const float* a;
   int64_t lda;
@@ -351,18 +353,20 @@ struct PanelInput {
   int64_t K;
 };
 
-// A GEMM micro-kernel on packed panels: C (MR x 64) = sum over the inputs of A times the
-// panel (two inputs: [x_t | h_prev] times [W_ih | W_hh] for the LSTM, without forming the
-// concatenation). Column n of C goes to c[r * ldc + (n / 16) * gs + n % 16]: four groups of
-// 16 columns, gs apart (gs = 16: 64 contiguous columns; gs = H: the four gates of 16 hidden
-// units). Group g stores its first clamp(nv - g * nv_step, 0, 16) columns (nv_step = 16 for
-// contiguous columns, 0 for gates). MR * 4 accumulators stay in registers (24 of the 32
-// zmm at MR = 6); each k loads four panel vectors and broadcasts MR values of A. Measured
-// alone on the 2-core machine for the LSTM step's 64 x 2048 x 512 product: 498 GFLOP/s
-// (oneDNN, packed: 471). (Running the LSTM's pointwise step on the accumulators, instead of
-// storing them for it to read back from L1, measured about 10% slower.)
-template <int MR>
-inline void panel_tile(const PanelInput* in, int inputs, float* c, int64_t ldc, int64_t gs, int nv, int nv_step) {
+// A GEMM micro-kernel on packed panels: C (MR x 64) = alpha * sum over the inputs of A times
+// the panel (two inputs: [x_t | h_prev] times [W_ih | W_hh] for the LSTM, without forming the
+// concatenation), plus C's old values when accumulate. Column n of C goes to
+// c[r * ldc + (n / 16) * gs + n % 16]: four groups of 16 columns, gs apart (gs = 16: 64
+// contiguous columns; gs = H: the four gates of 16 hidden units). Group g stores its first
+// clamp(nv - g * nv_step, 0, 16) columns (nv_step = 16 for contiguous columns, 0 for gates).
+// MR * 4 accumulators stay in registers (24 of the 32 zmm at MR = 6); each k loads four panel
+// vectors and broadcasts MR values of A. Measured alone on the 2-core machine for the LSTM
+// step's 64 x 2048 x 512 product: 498 GFLOP/s (oneDNN, packed: 471). (Running the LSTM's
+// pointwise step on the accumulators, instead of storing them for it to read back from L1,
+// measured about 10% slower.)
+template <int MR, bool AT = false>
+inline void panel_tile(const PanelInput* in, int inputs, float* c, int64_t ldc, int64_t gs, int nv, int nv_step,
+                       float alpha = 1.f, bool accumulate = false) {
   __m512 acc[MR][4];
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r) {
@@ -378,7 +382,7 @@ inline void panel_tile(const PanelInput* in, int inputs, float* c, int64_t ldc, 
                    b3 = _mm512_load_ps(pk + 48);
 #pragma GCC unroll 8
       for (int r = 0; r < MR; ++r) {
-        const __m512 av = _mm512_set1_ps(a[r * lda + k]);
+        const __m512 av = _mm512_set1_ps(AT ? a[k * lda + r] : a[r * lda + k]);
         acc[r][0] = _mm512_fmadd_ps(av, b0, acc[r][0]);
         acc[r][1] = _mm512_fmadd_ps(av, b1, acc[r][1]);
         acc[r][2] = _mm512_fmadd_ps(av, b2, acc[r][2]);
@@ -391,42 +395,86 @@ inline void panel_tile(const PanelInput* in, int inputs, float* c, int64_t ldc, 
     const int n = std::clamp(nv - g * nv_step, 0, 16);
     m[g] = static_cast<__mmask16>((1u << n) - 1);
   }
+  const __m512 va = _mm512_set1_ps(alpha);
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r) {
 #pragma GCC unroll 4
-    for (int g = 0; g < 4; ++g) _mm512_mask_storeu_ps(c + r * ldc + g * gs, m[g], acc[r][g]);
+    for (int g = 0; g < 4; ++g) {
+      float* cg = c + r * ldc + g * gs;
+      const __m512 v = accumulate ? _mm512_fmadd_ps(va, acc[r][g], _mm512_maskz_loadu_ps(m[g], cg))
+                                  : (alpha == 1.f ? acc[r][g] : _mm512_mul_ps(va, acc[r][g]));
+      _mm512_mask_storeu_ps(cg, m[g], v);
+    }
   }
 }
 
 // panel_tile for any row count mr <= kPanelRows.
 constexpr int kPanelRows = 6;
+template <bool AT = false>
 inline void panel_rows(int mr, const PanelInput* in, int inputs, float* c, int64_t ldc, int64_t gs, int nv,
-                       int nv_step) {
+                       int nv_step, float alpha = 1.f, bool accumulate = false) {
   switch (mr) {
-    case 1: return panel_tile<1>(in, inputs, c, ldc, gs, nv, nv_step);
-    case 2: return panel_tile<2>(in, inputs, c, ldc, gs, nv, nv_step);
-    case 3: return panel_tile<3>(in, inputs, c, ldc, gs, nv, nv_step);
-    case 4: return panel_tile<4>(in, inputs, c, ldc, gs, nv, nv_step);
-    case 5: return panel_tile<5>(in, inputs, c, ldc, gs, nv, nv_step);
-    case 6: return panel_tile<6>(in, inputs, c, ldc, gs, nv, nv_step);
+    case 1: return panel_tile<1, AT>(in, inputs, c, ldc, gs, nv, nv_step, alpha, accumulate);
+    case 2: return panel_tile<2, AT>(in, inputs, c, ldc, gs, nv, nv_step, alpha, accumulate);
+    case 3: return panel_tile<3, AT>(in, inputs, c, ldc, gs, nv, nv_step, alpha, accumulate);
+    case 4: return panel_tile<4, AT>(in, inputs, c, ldc, gs, nv, nv_step, alpha, accumulate);
+    case 5: return panel_tile<5, AT>(in, inputs, c, ldc, gs, nv, nv_step, alpha, accumulate);
+    case 6: return panel_tile<6, AT>(in, inputs, c, ldc, gs, nv, nv_step, alpha, accumulate);
     default: TORCH_CHECK(false, "panel_rows: ", mr, " rows is above ", kPanelRows);
   }
 }
 
-// W (n x k, row-major) packed into panels for panel_tile. Gate layout (gates = true, n = 4H
-// with H = n / 4): panel p holds hidden units [16p, 16p + 16) of the four gates, lane
-// g * 16 + j = row g * H + 16p + j. Contiguous layout (gates = false): panel p holds rows
-// [64p, 64p + 64). Zero past the last unit or row. Each group of 16 lanes is 16 contiguous
-// rows of W, transposed into the panel.
+// Panels of 64 floats per k needed for n columns.
+inline int64_t panel_floats(int64_t n, int64_t k) { return (n + 63) / 64 * k * 64; }
+
+// W (n x k, row stride ldw) packed into contiguous-layout panels for a product A W^T, into
+// out (panel_floats(n, k) floats, 64-byte aligned): panel p holds rows [64p, 64p + 64) of W,
+// transposed (lane j of k-row kk = W[64p + j, kk]), zero past row n. Single-threaded: the
+// attention backward packs its tiles this way on each thread.
+inline void pack_nk_into(float* out, const float* w, int64_t ldw, int64_t n, int64_t k) {
+  for (int64_t p = 0; p * 64 < n; ++p) {
+    for (int64_t g = 0; g < 4; ++g) {
+      const int64_t row0 = p * 64 + g * 16, rows = std::clamp<int64_t>(n - row0, 0, 16);
+      float* lanes = out + p * k * 64 + g * 16;
+      transpose_tile(w + row0 * ldw, ldw, rows, k, lanes, 64);
+      if (rows < 16) {
+        for (int64_t kk = 0; kk < k; ++kk) std::fill(lanes + kk * 64 + rows, lanes + kk * 64 + 16, 0.f);
+      }
+    }
+  }
+}
+
+// W (k x n, row stride ldw) packed into contiguous-layout panels for a product A W (not A
+// W^T), into out (panel_floats(n, k) floats, aligned): panel p holds columns [64p, 64p + 64),
+// k-major, each k a 64-float run of row k of W (a strided copy, no transpose), zero past n.
+inline void pack_kn_into(float* out, const float* w, int64_t ldw, int64_t k, int64_t n) {
+  for (int64_t p = 0; p * 64 < n; ++p) {
+    const int64_t cols = std::min<int64_t>(64, n - p * 64);
+    for (int64_t kk = 0; kk < k; ++kk) {
+      float* dst = out + (p * k + kk) * 64;
+      std::copy(w + kk * ldw + p * 64, w + kk * ldw + p * 64 + cols, dst);
+      std::fill(dst + cols, dst + 64, 0.f);
+    }
+  }
+}
+
+// W (n x k, row-major) packed into panels for panel_tile, as a tensor. Gate layout (gates =
+// true, n = 4H with H = n / 4): panel p holds hidden units [16p, 16p + 16) of the four gates,
+// lane g * 16 + j = row g * H + 16p + j. Contiguous layout (gates = false): pack_nk_into.
+// Each group of 16 lanes is 16 contiguous rows of W, transposed into the panel.
 inline at::Tensor pack_panels(const float* w, int64_t n, int64_t k, bool gates) {
   const int64_t H = n / 4, panels = gates ? (H + 15) / 16 : (n + 63) / 64;
   at::Tensor packed = at::empty({panels * k * 64}, at::TensorOptions().dtype(at::kFloat));
   float* out = packed.mutable_data_ptr<float>();
   at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
+      if (!gates) {
+        pack_nk_into(out + p * k * 64, w + p * 64 * k, k, std::min<int64_t>(64, n - p * 64), k);
+        continue;
+      }
       for (int64_t g = 0; g < 4; ++g) {
-        const int64_t row0 = gates ? g * H + p * 16 : p * 64 + g * 16;
-        const int64_t rows = std::clamp<int64_t>(gates ? H - p * 16 : n - row0, 0, 16);
+        const int64_t row0 = g * H + p * 16;
+        const int64_t rows = std::clamp<int64_t>(H - p * 16, 0, 16);
         float* lanes = out + p * k * 64 + g * 16;
         transpose_tile(w + row0 * k, k, rows, k, lanes, 64);
         if (rows < 16) {
@@ -438,22 +486,13 @@ inline at::Tensor pack_panels(const float* w, int64_t n, int64_t k, bool gates) 
   return packed;
 }
 
-// W (k x n, row-major) packed into contiguous-layout panels for a product A W (not A W^T):
-// panel p holds columns [64p, 64p + 64), k-major: each k is a 64-float run of row k of W,
-// so the packing is a strided copy, with no transpose. Zero past the last column.
+// W (k x n, row-major) packed by pack_kn_into, as a tensor (panels packed in parallel).
 inline at::Tensor pack_panels_kn(const float* w, int64_t k, int64_t n) {
   const int64_t panels = (n + 63) / 64;
   at::Tensor packed = at::empty({panels * k * 64}, at::TensorOptions().dtype(at::kFloat));
   float* out = packed.mutable_data_ptr<float>();
   at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p) {
-      const int64_t cols = std::min<int64_t>(64, n - p * 64);
-      for (int64_t kk = 0; kk < k; ++kk) {
-        float* dst = out + (p * k + kk) * 64;
-        std::copy(w + kk * n + p * 64, w + kk * n + p * 64 + cols, dst);
-        std::fill(dst + cols, dst + 64, 0.f);
-      }
-    }
+    for (int64_t p = p0; p < p1; ++p) pack_kn_into(out + p * k * 64, w + p * 64, n, k, std::min<int64_t>(64, n - p * 64));
   });
   return packed;
 }
@@ -479,6 +518,21 @@ inline void panel_product(int64_t m, int64_t n, int64_t k, const float* a, int64
       });
     }
   });
+}
+
+// C (m x n, row stride ldc) = alpha * A B, plus C when accumulate, on the calling thread: A is
+// m x k (a[r * lda + kk], or a[kk * lda + r] with AT), B packed in ceil(n / 64) panels by
+// pack_nk_into (B = W^T) or pack_kn_into (B = W).
+template <bool AT>
+inline void panel_gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* panels, float* c,
+                       int64_t ldc, float alpha, bool accumulate) {
+  for (int64_t p = 0; p * 64 < n; ++p) {
+    const int nv = static_cast<int>(std::min<int64_t>(64, n - p * 64));
+    for_row_blocks(m, [&](int64_t r0, int mr) {
+      const PanelInput in{AT ? a + r0 : a + r0 * lda, lda, panels + p * k * 64, k};
+      panel_rows<AT>(mr, &in, 1, c + r0 * ldc + p * 64, ldc, 16, nv, 16, alpha, accumulate);
+    });
+  }
 }
 #endif
 
