@@ -158,6 +158,17 @@ attention::Masking<scalar_t> make_masking(const Dims& d, bool causal, bool botto
   return m;
 }
 
+// bf16 / fp16 inputs: fp32 accumulation, fp32 softmax statistics (LSE) and additive masks.
+bool is_half(const at::Tensor& t) { return t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf; }
+
+// A half-precision call's floating arguments in float32, for the float32 kernel.
+at::Tensor to_float(const at::Tensor& t) {
+  return t.defined() && at::isFloatingType(t.scalar_type()) ? t.to(at::kFloat) : t;
+}
+std::optional<at::Tensor> to_float(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? std::optional<at::Tensor>(to_float(*t)) : std::nullopt;
+}
+
 MaskInputs check_mask_inputs(const Dims& d, const at::Tensor& q,
                              const std::optional<at::Tensor>& attn_mask,
                              const std::optional<at::Tensor>& key_lengths,
@@ -172,10 +183,12 @@ MaskInputs check_mask_inputs(const Dims& d, const at::Tensor& q,
       TORCH_CHECK(a.size(i) == 1 || a.size(i) == full[i], "flash_attention: attn_mask of shape ",
                   a.sizes(), " does not broadcast to (B, H, Lq, Lk) = ", at::IntArrayRef(full, 4));
     }
-    TORCH_CHECK(a.scalar_type() == at::kBool || a.scalar_type() == q.scalar_type(),
-                "flash_attention: attn_mask must be bool or ", q.scalar_type(), ", got ", a.scalar_type());
+    TORCH_CHECK(a.scalar_type() == at::kBool || a.scalar_type() == q.scalar_type() ||
+                    (is_half(q) && a.scalar_type() == at::kFloat),
+                "flash_attention: attn_mask must be bool or ", q.scalar_type(), is_half(q) ? " or float32" : "",
+                ", got ", a.scalar_type());
     TORCH_CHECK(a.device() == q.device(), "flash_attention: attn_mask must be on ", q.device());
-    in.mask = a;
+    in.mask = is_half(q) ? to_float(a) : a;  // added to fp32 scores
   }
   if (key_lengths.has_value() && key_lengths->defined()) {
     check_index_arg(*key_lengths, "flash_attention", "key_lengths", d.B, 0, d.Lk, q);
@@ -189,8 +202,9 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v)
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "flash_attention: q, k, v must be 4-D");
   TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
               "flash_attention: q, k, v must have the same dtype");
-  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble,
-              "flash_attention (CPU kernel): dtype must be float32 or float64, got ", q.scalar_type());
+  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble || is_half(q),
+              "flash_attention (CPU kernel): dtype must be float32, float64, bfloat16 or float16, got ",
+              q.scalar_type());
   TORCH_CHECK(k.size(0) == q.size(0) && v.size(0) == q.size(0), "flash_attention: batch sizes differ");
   TORCH_CHECK(k.size(1) == v.size(1) && k.size(1) > 0 && q.size(1) % k.size(1) == 0,
               "flash_attention: key/value heads must be equal and divide the query heads");
@@ -358,6 +372,20 @@ void forward_kernel(const Dims& d, const Layout& lay, const attention::Masking<s
   });
 }
 
+// The decode kernel on a (B, H, L, D) batch: q, k, v, out stored in T, accumulation and the
+// LSE in A (A = T for float and double, float for bf16 / fp16).
+template <typename T, typename A>
+void run_decode(const Dims& d, const attention::Masking<A>& mk, const at::Tensor& q, const at::Tensor& k,
+                const at::Tensor& v, double scale, at::Tensor& out, at::Tensor& lse) {
+  attention::KVRows<T> kv;
+  kv.k = k.const_data_ptr<T>();
+  kv.v = v.const_data_ptr<T>();
+  kv.Hk = d.Hk, kv.D = d.D, kv.Dv = d.Dv, kv.rows = d.Lk;
+  const attention::DecodeDims dd{d.B, d.H, d.Hk, d.G, d.Lq, d.D, d.Dv, d.Lk};
+  attention::decode_forward<T, A>(dd, mk, kv, q.const_data_ptr<T>(), static_cast<A>(scale), out.mutable_data_ptr<T>(),
+                                  lse.mutable_data_ptr<A>());
+}
+
 std::tuple<at::Tensor, at::Tensor> flash_attention_forward_cpu(
     const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, bool causal,
     bool bottom_right, double scale, const std::optional<at::Tensor>& attn_mask,
@@ -368,24 +396,31 @@ std::tuple<at::Tensor, at::Tensor> flash_attention_forward_cpu(
   const at::Tensor q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous();
   const Dims d = make_dims(q, k, v);
   const MaskInputs mask_in = check_mask_inputs(d, q, attn_mask, key_lengths, alibi_slopes);
-  at::Tensor out = new_output({d.B, d.H, d.Lq, d.Dv}, q.options());
-  at::Tensor lse = new_output({d.B, d.H, d.Lq}, q.options());
-  // Few query rows per K/V head (decoding): the bandwidth-bound decode kernel (decode.h).
+  // Few query rows per K/V head (decoding): the bandwidth-bound decode kernel (decode.h),
+  // which reads bf16 / fp16 K and V as they are (widened in registers).
   const bool decode = dropout_p == 0.0 && d.G * d.Lq <= attention::kDecodeMaxRows && decode_regime_flag().load();
+  if (is_half(q) && !decode) {  // the float32 kernel on float32 copies, the output rounded once
+    auto [o, l] = flash_attention_forward_cpu(to_float(q), to_float(k), to_float(v), causal, bottom_right, scale,
+                                              mask_in.mask.defined() ? std::optional<at::Tensor>(mask_in.mask)
+                                                                     : std::nullopt,
+                                              key_lengths, dropout_p, rng_state, softcap, window_left, window_right,
+                                              alibi_slopes);
+    return {o.to(q.scalar_type()), l};
+  }
+  at::Tensor out = new_output({d.B, d.H, d.Lq, d.Dv}, q.options());
+  at::Tensor lse = new_output({d.B, d.H, d.Lq}, q.options().dtype(is_half(q) ? at::kFloat : q.scalar_type()));
+  if (is_half(q)) {
+    const auto mk = make_masking<float>(d, causal, bottom_right, mask_in, dropout_p, rng_state, softcap, window_left,
+                                        window_right);
+    AT_DISPATCH_REDUCED_FLOATING_TYPES(q.scalar_type(), "flash_attention_forward_cpu", [&] {
+      run_decode<scalar_t, float>(d, mk, q, k, v, scale, out, lse);
+    });
+    return {out, lse};
+  }
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "flash_attention_forward_cpu", [&] {
     const auto mk = make_masking<scalar_t>(d, causal, bottom_right, mask_in, dropout_p, rng_state, softcap, window_left,
                                            window_right);
-    if (decode) {
-      attention::KVRows<scalar_t> kv;
-      kv.k = k.const_data_ptr<scalar_t>();
-      kv.v = v.const_data_ptr<scalar_t>();
-      kv.Hk = d.Hk, kv.D = d.D, kv.Dv = d.Dv, kv.rows = d.Lk;
-      const attention::DecodeDims dd{d.B, d.H, d.Hk, d.G, d.Lq, d.D, d.Dv, d.Lk};
-      attention::decode_forward<scalar_t, scalar_t>(dd, mk, kv, q.const_data_ptr<scalar_t>(),
-                                                    static_cast<scalar_t>(scale), out.mutable_data_ptr<scalar_t>(),
-                                                    lse.mutable_data_ptr<scalar_t>());
-      return;
-    }
+    if (decode) return run_decode<scalar_t, scalar_t>(d, mk, q, k, v, scale, out, lse);
     forward_kernel<scalar_t>(d, batched_layout(q, k, v, out, lse), mk, q.const_data_ptr<scalar_t>(),
                              k.const_data_ptr<scalar_t>(),
                              v.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
@@ -606,6 +641,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_backward_cpu(
     double dropout_p, const std::optional<at::Tensor>& rng_state, double softcap, int64_t window_left,
     int64_t window_right, const std::optional<at::Tensor>& alibi_slopes) {
   check_inputs(q_, k_, v_);
+  if (is_half(q_)) {  // the float32 kernel on float32 copies, the gradients rounded once
+    TORCH_CHECK(grad_out_.scalar_type() == q_.scalar_type() && out_.scalar_type() == q_.scalar_type(),
+                "flash_attention_backward: grad_out and out must have q's dtype ", q_.scalar_type(), ", got ",
+                grad_out_.scalar_type(), " and ", out_.scalar_type());
+    auto [dq, dk, dv] = flash_attention_backward_cpu(
+        to_float(grad_out_), grad_lse, to_float(q_), to_float(k_), to_float(v_), to_float(out_), lse_, causal,
+        bottom_right, scale, to_float(attn_mask), key_lengths, dropout_p, rng_state, softcap, window_left, window_right,
+        alibi_slopes);
+    return {dq.to(q_.scalar_type()), dk.to(q_.scalar_type()), dv.to(q_.scalar_type())};
+  }
   const at::Tensor q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous();
   const Dims d = make_dims(q, k, v);
   // Every tensor the kernel reads, checked against q's problem: a wrong batch, heads or

@@ -333,7 +333,8 @@ def _attention(q, k, v, causal, bottom_right, scale, attn_mask, key_lengths, dro
     if key_lengths is not None:
         key_lengths = key_lengths.to(torch.int64)
     if q.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16):
-        q, k, v = q.float(), k.float(), v.float()
+        # the CPU kernels take bf16 / fp16 q, k, v as they are (the decode kernel reads them in
+        # place); an additive mask is added to fp32 scores, so it goes in fp32
         if attn_mask is not None and attn_mask.dtype != torch.bool:
             attn_mask = attn_mask.float()
     p, rng_state, drop_all = _dropout_args(dropout_p)
