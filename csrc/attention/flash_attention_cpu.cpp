@@ -252,9 +252,14 @@ int64_t backward_chunks(const Dims& d) {
   return std::max<int64_t>(1, std::min<int64_t>(nkb, (4 * threads + tasks - 1) / tasks));
 }
 
-template <typename scalar_t>
-void forward_kernel(const Dims& d, const Layout& lay, const attention::Masking<scalar_t>& mk, const scalar_t* q,
-                    const scalar_t* k, const scalar_t* v, scalar_t* out, scalar_t* lse, scalar_t scale) {
+// in_t = scalar_t (float, double), or in_t = BFloat16 with scalar_t = float where the CPU has
+// AVX512-BF16: q, k, v and out in bf16, both tile products in the bf16 micro-kernel (fp32
+// accumulation), the softmax in fp32, P rounded to bf16 for the PV product as the GPU flash
+// kernels do, O accumulated in fp32 and rounded once at the end.
+template <typename scalar_t, typename in_t = scalar_t>
+void forward_kernel(const Dims& d, const Layout& lay, const attention::Masking<scalar_t>& mk, const in_t* q,
+                    const in_t* k, const in_t* v, in_t* out, scalar_t* lse, scalar_t scale) {
+  constexpr bool kBf16 = !std::is_same_v<in_t, scalar_t>;
   const int64_t kFwdK = fwd_kv_tile(d.D);
   constexpr scalar_t kNegInf = -std::numeric_limits<scalar_t>::infinity();
   // Tasks (sequence b, head h, query block qb) in that order; sequence b's first is first[b]
@@ -268,21 +273,41 @@ void forward_kernel(const Dims& d, const Layout& lay, const attention::Masking<s
   // scale is folded into a scaled copy of the Q block, and the PV product takes the V tile
   // transposed (a Dv x cols copy) and is added into O. A packed batch's K rows are strided:
   // each tile is copied to contiguous rows first (once per 256 query rows).
-  const bool use_onednn = std::is_same_v<scalar_t, float> && onednn_available();
+  const bool use_onednn = !kBf16 && std::is_same_v<scalar_t, float> && onednn_available();
   at::parallel_for(0, first[d.B], 1, [&](int64_t begin, int64_t end) {
     std::vector<scalar_t> s_buf(kFwdQ * kFwdK), m(kFwdQ), l(kFwdQ), z(mk.has_dropout() ? kFwdK : 0);
     std::vector<scalar_t> q_scaled(use_onednn ? kFwdQ * d.D : 0), v_t(use_onednn ? kFwdK * d.Dv : 0);
     std::vector<scalar_t> k_pack(use_onednn && krs != d.D ? kFwdK * d.D : 0);
+    // bf16: the fp32 output rows, the K tile and V tile as bf16 panels (64-byte aligned), P in bf16
+    const int64_t p_ld = (kFwdK + 1) / 2 * 2;
+    std::vector<scalar_t> o_acc(kBf16 ? kFwdQ * d.Dv : 0);
+    at::Tensor bf16_buf;
+    in_t *k_panels = nullptr, *v_panels = nullptr, *p_bf16 = nullptr;
+#if defined(__AVX512BF16__)
+    if constexpr (kBf16) {
+      const int64_t nk = panel_elems_bf16(kFwdK, d.D), nv = panel_elems_bf16(d.Dv, kFwdK);
+      bf16_buf = at::empty({nk + nv + kFwdQ * p_ld + 64}, at::kBFloat16);
+      k_panels = bf16_buf.mutable_data_ptr<in_t>();
+      v_panels = k_panels + nk;
+      p_bf16 = v_panels + nv;
+    }
+#endif
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = std::upper_bound(first.begin(), first.end(), task) - first.begin() - 1;
       const int64_t nqb = (mk.lq(b) + kFwdQ - 1) / kFwdQ;
       const int64_t h = (task - first[b]) / nqb, qb = (task - first[b]) % nqb, hk = h / d.G;
       const int64_t i0 = qb * kFwdQ, rows = std::min(kFwdQ, mk.lq(b) - i0);
-      const scalar_t* Q = q + lay.q.at(b, h, i0);
-      const scalar_t* K = k + lay.k.at(b, hk, 0);
-      const scalar_t* V = v + lay.v.at(b, hk, 0);
-      scalar_t* O = out + lay.o.at(b, h, i0);
-      for (int64_t r = 0; r < rows; ++r) std::fill(O + r * ors, O + r * ors + d.Dv, scalar_t(0));
+      const in_t* Q = q + lay.q.at(b, h, i0);
+      const in_t* K = k + lay.k.at(b, hk, 0);
+      const in_t* V = v + lay.v.at(b, hk, 0);
+      scalar_t* O;  // the output rows, row stride o_rs: out itself, or fp32 rows for bf16
+      int64_t o_rs;
+      if constexpr (kBf16) {
+        O = o_acc.data(), o_rs = d.Dv;
+      } else {
+        O = out + lay.o.at(b, h, i0), o_rs = ors;
+      }
+      for (int64_t r = 0; r < rows; ++r) std::fill(O + r * o_rs, O + r * o_rs + d.Dv, scalar_t(0));
       std::fill(m.begin(), m.end(), kNegInf);
       std::fill(l.begin(), l.end(), scalar_t(0));
 
@@ -302,7 +327,7 @@ void forward_kernel(const Dims& d, const Layout& lay, const attention::Masking<s
         if (tile == attention::Masking<scalar_t>::Tile::kMixed) cols = mk.shown_cols(b, h, i0, rows, j0, cols);
         scalar_t* S = s_buf.data();
         at::Tensor s_tile;  // oneDNN's result, alive until the PV product is done
-        if constexpr (std::is_same_v<scalar_t, float>) {
+        if constexpr (std::is_same_v<in_t, float>) {
           if (use_onednn) {
             const float* Kt = K + j0 * krs;
             if (krs != d.D) {
@@ -314,7 +339,12 @@ void forward_kernel(const Dims& d, const Layout& lay, const attention::Masking<s
             S = s_tile.mutable_data_ptr<float>();
           }
         }
-        if (!use_onednn) {
+        if constexpr (kBf16) {
+#if defined(__AVX512BF16__)
+          pack_nk_bf16(k_panels, K + j0 * krs, krs, cols, d.D);
+          panel_gemm_bf16(rows, cols, d.D / 2, Q, qrs, k_panels, S, cols, scale, false);
+#endif
+        } else if (!use_onednn) {
           gemm_rm<scalar_t>(N, T, rows, cols, d.D, scale, Q, qrs, K + j0 * krs, krs, 0, S, cols);
         }
         for (int64_t r = 0; r < rows; ++r) {
@@ -333,33 +363,40 @@ void forward_kernel(const Dims& d, const Layout& lay, const attention::Masking<s
           }
           const scalar_t alpha = std::exp(m[r] - m_new);  // 0 when m[r] = -inf
           l[r] = l[r] * alpha + exp_sub_sum(srow, cols, m_new);
-          if (alpha != scalar_t(1)) scale_row(O + r * ors, d.Dv, alpha);
+          if (alpha != scalar_t(1)) scale_row(O + r * o_rs, d.Dv, alpha);
           m[r] = m_new;
           if (mk.has_dropout()) {  // the sum above is over all keys; only the output drops
             mk.dropout_row(z.data(), b, h, i0 + r, j0, cols);
             for (int64_t j = 0; j < cols; ++j) srow[j] *= z[j];
           }
         }
-        if constexpr (std::is_same_v<scalar_t, float>) {
+        if constexpr (std::is_same_v<in_t, float>) {
           if (use_onednn) {
             transpose_tile(V + j0 * vrs, vrs, cols, d.Dv, v_t.data(), cols);  // (cols x Dv) -> (Dv x cols)
             at::Tensor pv = onednn_linear(at::from_blob(S, {rows, cols}, at::kFloat),
                                           at::from_blob(v_t.data(), {d.Dv, cols}, at::kFloat));
             const float* P = pv.const_data_ptr<float>();
-            if (ors == d.Dv) {
+            if (o_rs == d.Dv) {
               add_into(O, P, rows * d.Dv);
             } else {
-              for (int64_t r = 0; r < rows; ++r) add_into(O + r * ors, P + r * d.Dv, d.Dv);
+              for (int64_t r = 0; r < rows; ++r) add_into(O + r * o_rs, P + r * d.Dv, d.Dv);
             }
           }
         }
-        if (!use_onednn) {
-          gemm_rm<scalar_t>(N, N, rows, d.Dv, cols, 1, S, cols, V + j0 * vrs, vrs, 1, O, ors);
+        if constexpr (kBf16) {
+#if defined(__AVX512BF16__)
+          const int64_t cp = (cols + 1) / 2 * 2;  // P's rows padded to whole pairs with a zero
+          for (int64_t r = 0; r < rows; ++r) to_bf16_padded(S + r * cols, cols, p_bf16 + r * cp, cp);
+          pack_kn_bf16(v_panels, V + j0 * vrs, vrs, cols, d.Dv);
+          panel_gemm_bf16(rows, d.Dv, cp / 2, p_bf16, cp, v_panels, O, o_rs, 1.f, true);
+#endif
+        } else if (!use_onednn) {
+          gemm_rm<scalar_t>(N, N, rows, d.Dv, cols, 1, S, cols, V + j0 * vrs, vrs, 1, O, o_rs);
         }
       }
       scalar_t* LSE = lse + lay.lse.at(b, h, i0);
       for (int64_t r = 0; r < rows; ++r) {
-        scalar_t* orow = O + r * ors;
+        scalar_t* orow = O + r * o_rs;
         if (l[r] == scalar_t(0)) {  // the row sees no key
           std::fill(orow, orow + d.Dv, scalar_t(0));
           LSE[r] = kNegInf;
@@ -367,6 +404,7 @@ void forward_kernel(const Dims& d, const Layout& lay, const attention::Masking<s
           scale_row(orow, d.Dv, scalar_t(1) / l[r]);
           LSE[r] = m[r] + std::log(l[r]);
         }
+        if constexpr (kBf16) at::vec::convert(orow, out + lay.o.at(b, h, i0 + r), d.Dv);
       }
     }
   });
@@ -399,6 +437,19 @@ std::tuple<at::Tensor, at::Tensor> flash_attention_forward_cpu(
   // Few query rows per K/V head (decoding): the bandwidth-bound decode kernel (decode.h),
   // which reads bf16 / fp16 K and V as they are (widened in registers).
   const bool decode = dropout_p == 0.0 && d.G * d.Lq <= attention::kDecodeMaxRows && decode_regime_flag().load();
+#if defined(__AVX512BF16__)
+  if (q.scalar_type() == at::kBFloat16 && !decode && d.D % 2 == 0) {  // bf16 tile products (forward_kernel)
+    at::Tensor out = new_output({d.B, d.H, d.Lq, d.Dv}, q.options());
+    at::Tensor lse = new_output({d.B, d.H, d.Lq}, q.options().dtype(at::kFloat));
+    const auto mk = make_masking<float>(d, causal, bottom_right, mask_in, dropout_p, rng_state, softcap, window_left,
+                                        window_right);
+    forward_kernel<float, c10::BFloat16>(d, batched_layout(q, k, v, out, lse), mk, q.const_data_ptr<c10::BFloat16>(),
+                                         k.const_data_ptr<c10::BFloat16>(), v.const_data_ptr<c10::BFloat16>(),
+                                         out.mutable_data_ptr<c10::BFloat16>(), lse.mutable_data_ptr<float>(),
+                                         static_cast<float>(scale));
+    return {out, lse};
+  }
+#endif
   if (is_half(q) && !decode) {  // the float32 kernel on float32 copies, the output rounded once
     auto [o, l] = flash_attention_forward_cpu(to_float(q), to_float(k), to_float(v), causal, bottom_right, scale,
                                               mask_in.mask.defined() ? std::optional<at::Tensor>(mask_in.mask)

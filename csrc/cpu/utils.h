@@ -33,6 +33,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <initializer_list>
 #include <limits>
 #include <type_traits>
@@ -353,6 +354,29 @@ struct PanelInput {
   int64_t K;
 };
 
+// The end of a panel micro-kernel: C = alpha * acc (+ C when accumulate), MR rows of four
+// groups of 16 columns, gs apart, group g keeping its first clamp(nv - g * nv_step, 0, 16).
+template <int MR>
+inline void store_tile(const __m512 (&acc)[MR][4], float* c, int64_t ldc, int64_t gs, int nv, int nv_step,
+                       float alpha, bool accumulate) {
+  __mmask16 m[4];
+  for (int g = 0; g < 4; ++g) {
+    const int n = std::clamp(nv - g * nv_step, 0, 16);
+    m[g] = static_cast<__mmask16>((1u << n) - 1);
+  }
+  const __m512 va = _mm512_set1_ps(alpha);
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 4
+    for (int g = 0; g < 4; ++g) {
+      float* cg = c + r * ldc + g * gs;
+      const __m512 v = accumulate ? _mm512_fmadd_ps(va, acc[r][g], _mm512_maskz_loadu_ps(m[g], cg))
+                                  : (alpha == 1.f ? acc[r][g] : _mm512_mul_ps(va, acc[r][g]));
+      _mm512_mask_storeu_ps(cg, m[g], v);
+    }
+  }
+}
+
 // A GEMM micro-kernel on packed panels: C (MR x 64) = alpha * sum over the inputs of A times
 // the panel (two inputs: [x_t | h_prev] times [W_ih | W_hh] for the LSTM, without forming the
 // concatenation), plus C's old values when accumulate. Column n of C goes to
@@ -390,22 +414,7 @@ inline void panel_tile(const PanelInput* in, int inputs, float* c, int64_t ldc, 
       }
     }
   }
-  __mmask16 m[4];
-  for (int g = 0; g < 4; ++g) {
-    const int n = std::clamp(nv - g * nv_step, 0, 16);
-    m[g] = static_cast<__mmask16>((1u << n) - 1);
-  }
-  const __m512 va = _mm512_set1_ps(alpha);
-#pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r) {
-#pragma GCC unroll 4
-    for (int g = 0; g < 4; ++g) {
-      float* cg = c + r * ldc + g * gs;
-      const __m512 v = accumulate ? _mm512_fmadd_ps(va, acc[r][g], _mm512_maskz_loadu_ps(m[g], cg))
-                                  : (alpha == 1.f ? acc[r][g] : _mm512_mul_ps(va, acc[r][g]));
-      _mm512_mask_storeu_ps(cg, m[g], v);
-    }
-  }
+  store_tile<MR>(acc, c, ldc, gs, nv, nv_step, alpha, accumulate);
 }
 
 // panel_tile for any row count mr <= kPanelRows.
@@ -534,6 +543,117 @@ inline void panel_gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t 
     });
   }
 }
+
+#if defined(__AVX512BF16__)
+// bf16 tile products with fp32 accumulation (AVX512-BF16's vdpbf16ps: each fp32 lane adds the
+// products of one pair of bf16 values, twice the multiply-adds of an fp32 FMA per instruction).
+// A bf16 panel holds 64 columns of B for k in pairs: panel[kp * 128 + n * 2 + t] = B[2kp + t, n]
+// (the bit patterns, 64-byte aligned), so one 32-bit broadcast of A's pair (A[r, 2kp],
+// A[r, 2kp + 1]) meets 16 columns' pairs per vector. A is row-major with an even k extent
+// (lda even, pairs 4-byte aligned): a zero pad column where k is odd.
+template <int MR>
+inline void panel_tile_bf16(const c10::BFloat16* a, int64_t lda, const c10::BFloat16* panel, int64_t kpairs, float* c,
+                            int64_t ldc, int nv, float alpha, bool accumulate) {
+  __m512 acc[MR][4];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 4
+    for (int g = 0; g < 4; ++g) acc[r][g] = _mm512_setzero_ps();
+  }
+  for (int64_t kp = 0; kp < kpairs; ++kp) {
+    const c10::BFloat16* pk = panel + kp * 128;
+    __m512bh b[4];
+    for (int g = 0; g < 4; ++g) b[g] = (__m512bh)_mm512_load_si512(pk + 32 * g);
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      int32_t pair;
+      std::memcpy(&pair, a + r * lda + 2 * kp, sizeof(pair));
+      const __m512bh av = (__m512bh)_mm512_set1_epi32(pair);
+#pragma GCC unroll 4
+      for (int g = 0; g < 4; ++g) acc[r][g] = _mm512_dpbf16_ps(acc[r][g], av, b[g]);
+    }
+  }
+  store_tile<MR>(acc, c, ldc, 16, nv, 16, alpha, accumulate);
+}
+
+// C (m x n, row stride ldc) = alpha * A B (+ C when accumulate) on the calling thread: A (m x 2
+// kpairs bf16, row stride lda), B in ceil(n / 64) bf16 panels of kpairs pairs each.
+inline void panel_gemm_bf16(int64_t m, int64_t n, int64_t kpairs, const c10::BFloat16* a, int64_t lda,
+                            const c10::BFloat16* panels, float* c, int64_t ldc, float alpha, bool accumulate) {
+  for (int64_t p = 0; p * 64 < n; ++p) {
+    const int nv = static_cast<int>(std::min<int64_t>(64, n - p * 64));
+    const c10::BFloat16* panel = panels + p * kpairs * 128;
+    for_row_blocks(m, [&](int64_t r0, int mr) {
+      const c10::BFloat16* ar = a + r0 * lda;
+      float* cr = c + r0 * ldc + p * 64;
+      switch (mr) {
+        case 1: return panel_tile_bf16<1>(ar, lda, panel, kpairs, cr, ldc, nv, alpha, accumulate);
+        case 2: return panel_tile_bf16<2>(ar, lda, panel, kpairs, cr, ldc, nv, alpha, accumulate);
+        case 3: return panel_tile_bf16<3>(ar, lda, panel, kpairs, cr, ldc, nv, alpha, accumulate);
+        case 4: return panel_tile_bf16<4>(ar, lda, panel, kpairs, cr, ldc, nv, alpha, accumulate);
+        case 5: return panel_tile_bf16<5>(ar, lda, panel, kpairs, cr, ldc, nv, alpha, accumulate);
+        default: return panel_tile_bf16<6>(ar, lda, panel, kpairs, cr, ldc, nv, alpha, accumulate);
+      }
+    });
+  }
+}
+
+// y[0:n] = x[0:n] rounded to bf16 (nearest even), then zeros up to n_pad.
+inline void to_bf16_padded(const float* x, int64_t n, c10::BFloat16* y, int64_t n_pad) {
+  int64_t j = 0;
+  for (; j + 32 <= n; j += 32) {
+    const __m512bh v = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(x + j + 16), _mm512_loadu_ps(x + j));
+    _mm512_storeu_si512(y + j, (__m512i)v);
+  }
+  for (; j < n; ++j) y[j] = c10::BFloat16(x[j]);
+  for (; j < n_pad; ++j) y[j] = c10::BFloat16(0.f);
+}
+
+// Panel elements (bf16) for n columns and k rows of B.
+inline int64_t panel_elems_bf16(int64_t n, int64_t k) { return (n + 63) / 64 * ((k + 1) / 2) * 128; }
+
+// B = W^T for W (n x k bf16, row stride ldw, k even): column j of B is row j of W, whose
+// pairs are already adjacent; each panel is a transpose of 32-bit pairs. Zero past row n.
+inline void pack_nk_bf16(c10::BFloat16* out, const c10::BFloat16* w, int64_t ldw, int64_t n, int64_t k) {
+  const int64_t kpairs = k / 2;
+  for (int64_t p = 0; p * 64 < n; ++p) {
+    c10::BFloat16* panel = out + p * kpairs * 128;
+    const int64_t rows = std::min<int64_t>(64, n - p * 64);
+    for (int64_t j = 0; j < 64; ++j) {
+      const c10::BFloat16* wr = w + (p * 64 + j) * ldw;
+      for (int64_t kp = 0; kp < kpairs; ++kp) {
+        c10::BFloat16* dst = panel + kp * 128 + j * 2;
+        if (j < rows) {
+          std::memcpy(dst, wr + 2 * kp, 2 * sizeof(c10::BFloat16));
+        } else {
+          std::memset(dst, 0, 2 * sizeof(c10::BFloat16));
+        }
+      }
+    }
+  }
+}
+
+// B = W for W (k x n bf16, row stride ldw): rows 2kp and 2kp + 1 interleaved, a zero row past
+// k, zero past column n.
+inline void pack_kn_bf16(c10::BFloat16* out, const c10::BFloat16* w, int64_t ldw, int64_t k, int64_t n) {
+  const int64_t kpairs = (k + 1) / 2;
+  const c10::BFloat16 zero(0.f);
+  for (int64_t p = 0; p * 64 < n; ++p) {
+    c10::BFloat16* panel = out + p * kpairs * 128;
+    const int64_t cols = std::min<int64_t>(64, n - p * 64);
+    for (int64_t kp = 0; kp < kpairs; ++kp) {
+      const c10::BFloat16* w0 = w + 2 * kp * ldw + p * 64;
+      const c10::BFloat16* w1 = 2 * kp + 1 < k ? w0 + ldw : nullptr;
+      c10::BFloat16* dst = panel + kp * 128;
+      for (int64_t j = 0; j < cols; ++j) {
+        dst[2 * j] = w0[j];
+        dst[2 * j + 1] = w1 ? w1[j] : zero;
+      }
+      for (int64_t j = cols; j < 64; ++j) dst[2 * j] = dst[2 * j + 1] = zero;
+    }
+  }
+}
+#endif  // __AVX512BF16__
 #endif
 
 }  // namespace seqkernels::cpu
