@@ -498,7 +498,7 @@ std::tuple<at::Tensor, at::Tensor> flash_attention_forward_cpu(
 // starts; P and dS are read in place, transposed where a product needs P^T or dS^T. MKL's
 // sgemm, which these products called before, runs its AVX2 code on the AMD machines here.
 // float64, and builds without AVX-512: BLAS on the tiles as they are.
-template <typename scalar_t>
+template <typename scalar_t, typename in_t = scalar_t>
 class BackwardTiles {
  public:
   explicit BackwardTiles(const Dims& d) : D_(d.D), Dv_(d.Dv) {
@@ -517,9 +517,27 @@ class BackwardTiles {
       }
     }
 #endif
+#if defined(__AVX512BF16__)
+    if constexpr (kBf16) {  // bf16 panels as above, the pair words of P^T / dS^T, dS in bf16
+      const int64_t sizes[] = {panel_elems_bf16(kBwdK, D_), panel_elems_bf16(kBwdK, Dv_), panel_elems_bf16(D_, kBwdK),
+                               panel_elems_bf16(D_, kBwdQ), panel_elems_bf16(Dv_, kBwdQ),
+                               (kBwdQ + 1) / 2 * kBwdK * 2, kBwdQ * (kBwdK + 1) / 64 * 64 + 64};
+      int64_t total = 0;
+      for (int64_t n : sizes) total += n;
+      buf_ = at::empty({total}, at::kBFloat16);  // every size a multiple of 64 elements: each 64-byte aligned
+      in_t* p = buf_.mutable_data_ptr<in_t>();
+      in_t** dst[] = {&kt16_, &vt16_, &kn16_, &qn16_, &don16_};
+      for (int i = 0; i < 5; ++i) {
+        *dst[i] = p;
+        p += sizes[i];
+      }
+      pairs_ = reinterpret_cast<int32_t*>(p);  // written and read only as int32 words
+      ds16_ = p + sizes[5];
+    }
+#endif
   }
 
-  void key_block(const scalar_t* K, int64_t krs, const scalar_t* V, int64_t vrs, int64_t cols) {
+  void key_block(const in_t* K, int64_t krs, const in_t* V, int64_t vrs, int64_t cols) {
     K_ = K, krs_ = krs, V_ = V, vrs_ = vrs, cols_ = cols;
 #if defined(__AVX512F__)
     if constexpr (kPanels) {
@@ -528,14 +546,27 @@ class BackwardTiles {
       pack_kn_into(kn_, K, krs, cols, D_);   // dQ += dS K
     }
 #endif
+#if defined(__AVX512BF16__)
+    if constexpr (kBf16) {
+      pack_nk_bf16(kt16_, K, krs, cols, D_);
+      pack_nk_bf16(vt16_, V, vrs, cols, Dv_);
+      pack_kn_bf16(kn16_, K, krs, cols, D_);
+    }
+#endif
   }
 
-  void query_tile(const scalar_t* Q, int64_t qrs, const scalar_t* dO, int64_t ors, int64_t rows) {
+  void query_tile(const in_t* Q, int64_t qrs, const in_t* dO, int64_t ors, int64_t rows) {
     Q_ = Q, qrs_ = qrs, dO_ = dO, ors_ = ors, rows_ = rows;
 #if defined(__AVX512F__)
     if constexpr (kPanels) {
       pack_kn_into(qn_, Q, qrs, rows, D_);     // dK += dS^T Q
       pack_kn_into(don_, dO, ors, rows, Dv_);  // dV += P^T dO
+    }
+#endif
+#if defined(__AVX512BF16__)
+    if constexpr (kBf16) {
+      pack_kn_bf16(qn16_, Q, qrs, rows, D_);
+      pack_kn_bf16(don16_, dO, ors, rows, Dv_);
     }
 #endif
   }
@@ -545,61 +576,93 @@ class BackwardTiles {
 #if defined(__AVX512F__)
     if constexpr (kPanels) return panel_gemm<false>(rows_, cols_, D_, Q_, qrs_, kt_, S, cols_, scale, false);
 #endif
-    gemm_rm<scalar_t>(N, T, rows_, cols_, D_, scale, Q_, qrs_, K_, krs_, 0, S, cols_);
+#if defined(__AVX512BF16__)
+    if constexpr (kBf16) return panel_gemm_bf16(rows_, cols_, D_ / 2, Q_, qrs_, kt16_, S, cols_, scale, false);
+#endif
+    if constexpr (!kBf16) gemm_rm<scalar_t>(N, T, rows_, cols_, D_, scale, Q_, qrs_, K_, krs_, 0, S, cols_);
   }
   // dV (cols x Dv, row stride vrs) += P^T dO, P (rows x cols)
   void grad_v(const scalar_t* P, scalar_t* dV, int64_t vrs) const {
 #if defined(__AVX512F__)
     if constexpr (kPanels) return panel_gemm<true>(cols_, Dv_, rows_, P, cols_, don_, dV, vrs, 1.f, true);
 #endif
-    gemm_rm<scalar_t>(T, N, cols_, Dv_, rows_, 1, P, cols_, dO_, ors_, 1, dV, vrs);
+#if defined(__AVX512BF16__)
+    if constexpr (kBf16) {  // P rounded to bf16, as the forward's PV product
+      pair_rows_f32(P, cols_, rows_, cols_, pairs_, cols_);
+      return panel_gemm_bf16<true>(cols_, Dv_, (rows_ + 1) / 2, pairs_, cols_, don16_, dV, vrs, 1.f, true);
+    }
+#endif
+    if constexpr (!kBf16) gemm_rm<scalar_t>(T, N, cols_, Dv_, rows_, 1, P, cols_, dO_, ors_, 1, dV, vrs);
   }
   // dP (rows x cols) = dO V^T
   void grad_p(scalar_t* dP) const {
 #if defined(__AVX512F__)
     if constexpr (kPanels) return panel_gemm<false>(rows_, cols_, Dv_, dO_, ors_, vt_, dP, cols_, 1.f, false);
 #endif
-    gemm_rm<scalar_t>(N, T, rows_, cols_, Dv_, 1, dO_, ors_, V_, vrs_, 0, dP, cols_);
+#if defined(__AVX512BF16__)
+    if constexpr (kBf16) return panel_gemm_bf16(rows_, cols_, Dv_ / 2, dO_, ors_, vt16_, dP, cols_, 1.f, false);
+#endif
+    if constexpr (!kBf16) gemm_rm<scalar_t>(N, T, rows_, cols_, Dv_, 1, dO_, ors_, V_, vrs_, 0, dP, cols_);
   }
   // dK (cols x D, row stride krs) += scale dS^T Q
   void grad_k(const scalar_t* dS, scalar_t* dK, int64_t krs, scalar_t scale) const {
 #if defined(__AVX512F__)
     if constexpr (kPanels) return panel_gemm<true>(cols_, D_, rows_, dS, cols_, qn_, dK, krs, scale, true);
 #endif
-    gemm_rm<scalar_t>(T, N, cols_, D_, rows_, scale, dS, cols_, Q_, qrs_, 1, dK, krs);
+#if defined(__AVX512BF16__)
+    if constexpr (kBf16) {  // dS rounded to bf16 for both of its products
+      pair_rows_f32(dS, cols_, rows_, cols_, pairs_, cols_);
+      return panel_gemm_bf16<true>(cols_, D_, (rows_ + 1) / 2, pairs_, cols_, qn16_, dK, krs, scale, true);
+    }
+#endif
+    if constexpr (!kBf16) gemm_rm<scalar_t>(T, N, cols_, D_, rows_, scale, dS, cols_, Q_, qrs_, 1, dK, krs);
   }
   // dQ (rows x D, row stride qrs) += scale dS K
   void grad_q(const scalar_t* dS, scalar_t* dQ, int64_t qrs, scalar_t scale) const {
 #if defined(__AVX512F__)
     if constexpr (kPanels) return panel_gemm<false>(rows_, D_, cols_, dS, cols_, kn_, dQ, qrs, scale, true);
 #endif
-    gemm_rm<scalar_t>(N, N, rows_, D_, cols_, scale, dS, cols_, K_, krs_, 1, dQ, qrs);
+#if defined(__AVX512BF16__)
+    if constexpr (kBf16) {
+      const int64_t cp = (cols_ + 1) / 2 * 2;
+      for (int64_t r = 0; r < rows_; ++r) to_bf16_padded(dS + r * cols_, cols_, ds16_ + r * cp, cp);
+      return panel_gemm_bf16(rows_, D_, cp / 2, ds16_, cp, kn16_, dQ, qrs, scale, true);
+    }
+#endif
+    if constexpr (!kBf16) gemm_rm<scalar_t>(N, N, rows_, D_, cols_, scale, dS, cols_, K_, krs_, 1, dQ, qrs);
   }
 
  private:
+  static constexpr bool kBf16 = !std::is_same_v<in_t, scalar_t>;  // only in builds with AVX512-BF16
 #if defined(__AVX512F__)
-  static constexpr bool kPanels = std::is_same_v<scalar_t, float>;
+  static constexpr bool kPanels = std::is_same_v<in_t, float>;
 #endif
   int64_t D_, Dv_;
-  const scalar_t *K_ = nullptr, *V_ = nullptr, *Q_ = nullptr, *dO_ = nullptr;
+  const in_t *K_ = nullptr, *V_ = nullptr, *Q_ = nullptr, *dO_ = nullptr;
   int64_t krs_ = 0, vrs_ = 0, qrs_ = 0, ors_ = 0, cols_ = 0, rows_ = 0;
   at::Tensor buf_;
   float *kt_ = nullptr, *vt_ = nullptr, *kn_ = nullptr, *qn_ = nullptr, *don_ = nullptr;
+  in_t *kt16_ = nullptr, *vt16_ = nullptr, *kn16_ = nullptr, *qn16_ = nullptr, *don16_ = nullptr, *ds16_ = nullptr;
+  int32_t* pairs_ = nullptr;
 };
 
-template <typename scalar_t>
+// in_t = scalar_t, or in_t = BFloat16 with scalar_t = float (AVX512-BF16 builds): q, k, v, dO
+// and dK, dV in bf16, the tile products in bf16 (P and dS rounded), dK and dV accumulated
+// in fp32 rows per key block, dQ in fp32 partials.
+template <typename scalar_t, typename in_t = scalar_t>
 void backward_kernel(const Dims& d, const Layout& lay, const attention::Masking<scalar_t>& mk, int64_t nchunks,
-                     const scalar_t* q, const scalar_t* k,
-                     const scalar_t* v, const scalar_t* dout, const scalar_t* lse,
-                     const scalar_t* delta, scalar_t* dq_parts, int64_t dq_part_size, scalar_t* dk, scalar_t* dv,
+                     const in_t* q, const in_t* k, const in_t* v, const in_t* dout, const scalar_t* lse,
+                     const scalar_t* delta, scalar_t* dq_parts, int64_t dq_part_size, in_t* dk, in_t* dv,
                      scalar_t scale) {
+  constexpr bool kBf16 = !std::is_same_v<in_t, scalar_t>;
   constexpr scalar_t kNegInf = -std::numeric_limits<scalar_t>::infinity();
   const int64_t qrs = lay.q.rs, krs = lay.k.rs, vrs = lay.v.rs, ors = lay.o.rs;
   at::parallel_for(0, d.B * d.Hk * nchunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<scalar_t> p_buf(kBwdQ * kBwdK), dp_buf(kBwdQ * kBwdK);
     std::vector<scalar_t> z_buf(mk.has_dropout() ? kBwdQ * kBwdK : 0);
     std::vector<scalar_t> g_buf(mk.has_softcap() ? kBwdQ * kBwdK : 0);  // the cap's slope, 0 where unused
-    BackwardTiles<scalar_t> tiles(d);
+    BackwardTiles<scalar_t, in_t> tiles(d);
+    std::vector<scalar_t> dk_acc(kBf16 ? kBwdK * d.D : 0), dv_acc(kBf16 ? kBwdK * d.Dv : 0);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t chunk = task % nchunks, bhk = task / nchunks;
       const int64_t b = bhk / d.Hk, hk = bhk % d.Hk;
@@ -609,15 +672,31 @@ void backward_kernel(const Dims& d, const Layout& lay, const attention::Masking<
       // every chunk gets a similar share of long and short key blocks.
       for (int64_t kb = chunk; kb < nkb; kb += nchunks) {
         const int64_t j0 = kb * kBwdK, cols = std::min(kBwdK, mk.lk(b) - j0);
-        const scalar_t* K = k + lay.k.at(b, hk, j0);
-        const scalar_t* V = v + lay.v.at(b, hk, j0);
-        scalar_t* dK = dk + lay.k.at(b, hk, j0);
-        scalar_t* dV = dv + lay.v.at(b, hk, j0);
-        for (int64_t c = 0; c < cols; ++c) {
-          std::fill(dK + c * krs, dK + c * krs + d.D, scalar_t(0));
-          std::fill(dV + c * vrs, dV + c * vrs + d.Dv, scalar_t(0));
+        const in_t* K = k + lay.k.at(b, hk, j0);
+        const in_t* V = v + lay.v.at(b, hk, j0);
+        scalar_t *dK, *dV;  // the block's gradient rows: dk / dv themselves, or fp32 rows for bf16
+        int64_t dk_rs, dv_rs;
+        if constexpr (kBf16) {
+          dK = dk_acc.data(), dV = dv_acc.data(), dk_rs = d.D, dv_rs = d.Dv;
+        } else {
+          dK = dk + lay.k.at(b, hk, j0), dV = dv + lay.v.at(b, hk, j0), dk_rs = krs, dv_rs = vrs;
         }
-        if (j0 >= mk.key_limit(b)) continue;  // padding keys: zero gradients, no work
+        for (int64_t c = 0; c < cols; ++c) {
+          std::fill(dK + c * dk_rs, dK + c * dk_rs + d.D, scalar_t(0));
+          std::fill(dV + c * dv_rs, dV + c * dv_rs + d.Dv, scalar_t(0));
+        }
+        const auto flush = [&] {  // bf16: the block's fp32 rows rounded into dk / dv
+          if constexpr (kBf16) {
+            for (int64_t c = 0; c < cols; ++c) {
+              at::vec::convert(dK + c * dk_rs, dk + lay.k.at(b, hk, j0 + c), d.D);
+              at::vec::convert(dV + c * dv_rs, dv + lay.v.at(b, hk, j0 + c), d.Dv);
+            }
+          }
+        };
+        if (j0 >= mk.key_limit(b)) {  // padding keys: zero gradients, no work
+          flush();
+          continue;
+        }
         tiles.key_block(K, krs, V, vrs, cols);
         const int64_t qstart = mk.first_query(b, j0), qend = mk.query_end(b, j0 + cols - 1);
         for (int64_t h = hk * d.G; h < (hk + 1) * d.G; ++h) {
@@ -625,8 +704,8 @@ void backward_kernel(const Dims& d, const Layout& lay, const attention::Masking<
             const int64_t rows = std::min(kBwdQ, qend - i0);
             const auto tile = mk.tile_state(b, h, i0, rows, j0, cols);
             if (tile == attention::Masking<scalar_t>::Tile::kHidden) continue;
-            const scalar_t* Q = q + lay.q.at(b, h, i0);
-            const scalar_t* dO = dout + lay.o.at(b, h, i0);
+            const in_t* Q = q + lay.q.at(b, h, i0);
+            const in_t* dO = dout + lay.o.at(b, h, i0);
             const scalar_t* LSE = lse + lay.lse.at(b, h, i0);
             const scalar_t* DELTA = delta + lay.lse.at(b, h, i0);
             scalar_t* P = p_buf.data();
@@ -656,9 +735,9 @@ void backward_kernel(const Dims& d, const Layout& lay, const attention::Masking<
             if (mk.has_dropout()) {  // dS holds P * Z for the dV product, then dO V^T
               for (int64_t r = 0; r < rows; ++r) mk.dropout_row(Z + r * cols, b, h, i0 + r, j0, cols);
               at::vec::map2([](Vec p, Vec z) { return p * z; }, dS, P, Z, rows * cols);
-              tiles.grad_v(dS, dV, vrs);
+              tiles.grad_v(dS, dV, dv_rs);
             } else {
-              tiles.grad_v(P, dV, vrs);
+              tiles.grad_v(P, dV, dv_rs);
             }
             tiles.grad_p(dS);
             for (int64_t r = 0; r < rows; ++r) {
@@ -675,10 +754,11 @@ void backward_kernel(const Dims& d, const Layout& lay, const attention::Masking<
                 at::vec::map2([](Vec ds, Vec g) { return ds * g; }, dsrow, dsrow, G + r * cols, cols);
               }
             }
-            tiles.grad_k(dS, dK, krs, scale);
+            tiles.grad_k(dS, dK, dk_rs, scale);
             tiles.grad_q(dS, dQp + lay.q.at(b, h, i0), qrs, scale);
           }
         }
+        flush();
       }
     }
   });
@@ -692,7 +772,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_backward_cpu(
     double dropout_p, const std::optional<at::Tensor>& rng_state, double softcap, int64_t window_left,
     int64_t window_right, const std::optional<at::Tensor>& alibi_slopes) {
   check_inputs(q_, k_, v_);
-  if (is_half(q_)) {  // the float32 kernel on float32 copies, the gradients rounded once
+#if defined(__AVX512BF16__)
+  // bf16 tile products (backward_kernel): bf16 inputs with even head dims
+  const bool native_bf16 = q_.scalar_type() == at::kBFloat16 && q_.size(3) % 2 == 0 && v_.size(3) % 2 == 0;
+#else
+  const bool native_bf16 = false;
+#endif
+  if (is_half(q_) && !native_bf16) {  // the float32 kernel on float32 copies, the gradients rounded once
     TORCH_CHECK(grad_out_.scalar_type() == q_.scalar_type() && out_.scalar_type() == q_.scalar_type(),
                 "flash_attention_backward: grad_out and out must have q's dtype ", q_.scalar_type(), ", got ",
                 grad_out_.scalar_type(), " and ", out_.scalar_type());
@@ -711,15 +797,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_backward_cpu(
   check_arg(out_, op, "out", {d.B, d.H, d.Lq, d.Dv}, q);
   const bool has_glse = check_lse_args(lse_, grad_lse, {d.B, d.H, d.Lq}, "(B, H, Lq)", q, op);
   const at::Tensor dout = grad_out_.contiguous();
-  const at::Tensor lse = lse_.contiguous().to(q.scalar_type());
+  const at::ScalarType acc = native_bf16 ? at::kFloat : q.scalar_type();  // LSE, delta, the dQ partials
+  const at::Tensor lse = lse_.contiguous().to(acc);
   const MaskInputs mask_in = check_mask_inputs(d, q, attn_mask, key_lengths, alibi_slopes);
 
-  const at::Tensor delta = backward_delta(dout, out_, grad_lse, has_glse, false, q.scalar_type());
+  const at::Tensor delta = native_bf16 ? backward_delta(dout.to(acc), out_.to(acc), grad_lse, has_glse, false, acc)
+                                       : backward_delta(dout, out_, grad_lse, has_glse, false, acc);
   const int64_t nchunks = backward_chunks(d);
   at::Tensor dq = new_output({d.B, d.H, d.Lq, d.D}, q.options());
-  at::Tensor dq_parts = nchunks == 1 ? dq.zero_() : at::zeros({nchunks, d.B, d.H, d.Lq, d.D}, q.options());
+  at::Tensor dq_parts = nchunks == 1 && !native_bf16 ? dq.zero_()
+                                                     : at::zeros({nchunks, d.B, d.H, d.Lq, d.D}, q.options().dtype(acc));
   at::Tensor dk = new_output({d.B, d.Hk, d.Lk, d.D}, q.options());
   at::Tensor dv = new_output({d.B, d.Hk, d.Lk, d.Dv}, q.options());
+#if defined(__AVX512BF16__)
+  if (native_bf16) {
+    const auto mk = make_masking<float>(d, causal, bottom_right, mask_in, dropout_p, rng_state, softcap, window_left,
+                                        window_right);
+    using bf16 = c10::BFloat16;
+    backward_kernel<float, bf16>(d, batched_layout(q, k, v, dout, lse), mk, nchunks, q.const_data_ptr<bf16>(),
+                                 k.const_data_ptr<bf16>(), v.const_data_ptr<bf16>(), dout.const_data_ptr<bf16>(),
+                                 lse.const_data_ptr<float>(), delta.const_data_ptr<float>(),
+                                 dq_parts.mutable_data_ptr<float>(), q.numel(), dk.mutable_data_ptr<bf16>(),
+                                 dv.mutable_data_ptr<bf16>(), static_cast<float>(scale));
+    dq.copy_(nchunks == 1 ? dq_parts[0] : dq_parts.sum(0));
+    return {dq, dk, dv};
+  }
+#endif
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "flash_attention_backward_cpu", [&] {
     const auto mk = make_masking<scalar_t>(d, causal, bottom_right, mask_in, dropout_p, rng_state, softcap, window_left,
                                            window_right);

@@ -549,10 +549,12 @@ inline void panel_gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t 
 // products of one pair of bf16 values, twice the multiply-adds of an fp32 FMA per instruction).
 // A bf16 panel holds 64 columns of B for k in pairs: panel[kp * 128 + n * 2 + t] = B[2kp + t, n]
 // (the bit patterns, 64-byte aligned), so one 32-bit broadcast of A's pair (A[r, 2kp],
-// A[r, 2kp + 1]) meets 16 columns' pairs per vector. A is row-major with an even k extent
-// (lda even, pairs 4-byte aligned): a zero pad column where k is odd.
-template <int MR>
-inline void panel_tile_bf16(const c10::BFloat16* a, int64_t lda, const c10::BFloat16* panel, int64_t kpairs, float* c,
+// A[r, 2kp + 1]) meets 16 columns' pairs per vector. A is row-major bf16 with an even k extent
+// (lda even, a zero pad column where k is odd), or, with AT, a buffer of pair words
+// (uint32: low half A[r, 2kp], high half A[r, 2kp + 1]) at a[kp * lda + r], which
+// pair_rows_f32 makes from a tile whose rows are A's columns (P^T, dS^T in the backward).
+template <int MR, bool AT>
+inline void panel_tile_bf16(const void* a, int64_t lda, const c10::BFloat16* panel, int64_t kpairs, float* c,
                             int64_t ldc, int nv, float alpha, bool accumulate) {
   __m512 acc[MR][4];
 #pragma GCC unroll 8
@@ -567,7 +569,11 @@ inline void panel_tile_bf16(const c10::BFloat16* a, int64_t lda, const c10::BFlo
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
       int32_t pair;
-      std::memcpy(&pair, a + r * lda + 2 * kp, sizeof(pair));
+      if constexpr (AT) {
+        pair = static_cast<const int32_t*>(a)[kp * lda + r];
+      } else {
+        std::memcpy(&pair, static_cast<const c10::BFloat16*>(a) + r * lda + 2 * kp, sizeof(pair));
+      }
       const __m512bh av = (__m512bh)_mm512_set1_epi32(pair);
 #pragma GCC unroll 4
       for (int g = 0; g < 4; ++g) acc[r][g] = _mm512_dpbf16_ps(acc[r][g], av, b[g]);
@@ -577,22 +583,24 @@ inline void panel_tile_bf16(const c10::BFloat16* a, int64_t lda, const c10::BFlo
 }
 
 // C (m x n, row stride ldc) = alpha * A B (+ C when accumulate) on the calling thread: A (m x 2
-// kpairs bf16, row stride lda), B in ceil(n / 64) bf16 panels of kpairs pairs each.
-inline void panel_gemm_bf16(int64_t m, int64_t n, int64_t kpairs, const c10::BFloat16* a, int64_t lda,
+// kpairs, as panel_tile_bf16 reads it), B in ceil(n / 64) bf16 panels of kpairs pairs each.
+template <bool AT = false>
+inline void panel_gemm_bf16(int64_t m, int64_t n, int64_t kpairs, const void* a, int64_t lda,
                             const c10::BFloat16* panels, float* c, int64_t ldc, float alpha, bool accumulate) {
   for (int64_t p = 0; p * 64 < n; ++p) {
     const int nv = static_cast<int>(std::min<int64_t>(64, n - p * 64));
     const c10::BFloat16* panel = panels + p * kpairs * 128;
     for_row_blocks(m, [&](int64_t r0, int mr) {
-      const c10::BFloat16* ar = a + r0 * lda;
+      const void* ar = AT ? static_cast<const void*>(static_cast<const int32_t*>(a) + r0)
+                          : static_cast<const void*>(static_cast<const c10::BFloat16*>(a) + r0 * lda);
       float* cr = c + r0 * ldc + p * 64;
       switch (mr) {
-        case 1: return panel_tile_bf16<1>(ar, lda, panel, kpairs, cr, ldc, nv, alpha, accumulate);
-        case 2: return panel_tile_bf16<2>(ar, lda, panel, kpairs, cr, ldc, nv, alpha, accumulate);
-        case 3: return panel_tile_bf16<3>(ar, lda, panel, kpairs, cr, ldc, nv, alpha, accumulate);
-        case 4: return panel_tile_bf16<4>(ar, lda, panel, kpairs, cr, ldc, nv, alpha, accumulate);
-        case 5: return panel_tile_bf16<5>(ar, lda, panel, kpairs, cr, ldc, nv, alpha, accumulate);
-        default: return panel_tile_bf16<6>(ar, lda, panel, kpairs, cr, ldc, nv, alpha, accumulate);
+        case 1: return panel_tile_bf16<1, AT>(ar, lda, panel, kpairs, cr, ldc, nv, alpha, accumulate);
+        case 2: return panel_tile_bf16<2, AT>(ar, lda, panel, kpairs, cr, ldc, nv, alpha, accumulate);
+        case 3: return panel_tile_bf16<3, AT>(ar, lda, panel, kpairs, cr, ldc, nv, alpha, accumulate);
+        case 4: return panel_tile_bf16<4, AT>(ar, lda, panel, kpairs, cr, ldc, nv, alpha, accumulate);
+        case 5: return panel_tile_bf16<5, AT>(ar, lda, panel, kpairs, cr, ldc, nv, alpha, accumulate);
+        default: return panel_tile_bf16<6, AT>(ar, lda, panel, kpairs, cr, ldc, nv, alpha, accumulate);
       }
     });
   }
@@ -607,6 +615,28 @@ inline void to_bf16_padded(const float* x, int64_t n, c10::BFloat16* y, int64_t 
   }
   for (; j < n; ++j) y[j] = c10::BFloat16(x[j]);
   for (; j < n_pad; ++j) y[j] = c10::BFloat16(0.f);
+}
+
+// Pair words of rows 2kp and 2kp + 1 of a k x n tile (row stride ldx), for kp < ceil(k / 2)
+// and columns j < n: out[kp * ldo + j] = bf16(x[2kp, j]) | bf16(x[2kp + 1, j]) << 16, a zero
+// high half past row k. fp32 sources are rounded (nearest even); bf16 sources copied.
+inline __m512i pair_words(__m256i lo16, __m256i hi16) {
+  return _mm512_or_si512(_mm512_cvtepu16_epi32(lo16), _mm512_slli_epi32(_mm512_cvtepu16_epi32(hi16), 16));
+}
+
+inline void pair_rows_f32(const float* x, int64_t ldx, int64_t k, int64_t n, int32_t* out, int64_t ldo) {
+  const __m512 zero = _mm512_setzero_ps();
+  for (int64_t kp = 0; kp < (k + 1) / 2; ++kp) {
+    const float* x0 = x + 2 * kp * ldx;
+    const float* x1 = 2 * kp + 1 < k ? x0 + ldx : nullptr;
+    int32_t* o = out + kp * ldo;
+    for (int64_t j = 0; j < n; j += 16) {
+      const __mmask16 m = static_cast<__mmask16>(n - j >= 16 ? 0xFFFF : (1u << (n - j)) - 1);
+      const __m512 a = _mm512_maskz_loadu_ps(m, x0 + j), b = x1 ? _mm512_maskz_loadu_ps(m, x1 + j) : zero;
+      const __m512i w = pair_words((__m256i)_mm512_cvtneps_pbh(a), (__m256i)_mm512_cvtneps_pbh(b));
+      _mm512_mask_storeu_epi32(o + j, m, w);
+    }
+  }
 }
 
 // Panel elements (bf16) for n columns and k rows of B.
@@ -633,11 +663,10 @@ inline void pack_nk_bf16(c10::BFloat16* out, const c10::BFloat16* w, int64_t ldw
   }
 }
 
-// B = W for W (k x n bf16, row stride ldw): rows 2kp and 2kp + 1 interleaved, a zero row past
-// k, zero past column n.
+// B = W for W (k x n bf16, row stride ldw): rows 2kp and 2kp + 1 interleaved (pair words), a
+// zero row past k, zero past column n.
 inline void pack_kn_bf16(c10::BFloat16* out, const c10::BFloat16* w, int64_t ldw, int64_t k, int64_t n) {
   const int64_t kpairs = (k + 1) / 2;
-  const c10::BFloat16 zero(0.f);
   for (int64_t p = 0; p * 64 < n; ++p) {
     c10::BFloat16* panel = out + p * kpairs * 128;
     const int64_t cols = std::min<int64_t>(64, n - p * 64);
@@ -645,11 +674,13 @@ inline void pack_kn_bf16(c10::BFloat16* out, const c10::BFloat16* w, int64_t ldw
       const c10::BFloat16* w0 = w + 2 * kp * ldw + p * 64;
       const c10::BFloat16* w1 = 2 * kp + 1 < k ? w0 + ldw : nullptr;
       c10::BFloat16* dst = panel + kp * 128;
-      for (int64_t j = 0; j < cols; ++j) {
-        dst[2 * j] = w0[j];
-        dst[2 * j + 1] = w1 ? w1[j] : zero;
+      for (int64_t j = 0; j < 64; j += 16) {  // 16 columns: 16 pair words
+        const int64_t left = std::clamp<int64_t>(cols - j, 0, 16);
+        const __mmask16 m = static_cast<__mmask16>((1u << left) - 1);
+        const __m256i a = _mm256_maskz_loadu_epi16(m, w0 + j);
+        const __m256i b = w1 ? _mm256_maskz_loadu_epi16(m, w1 + j) : _mm256_setzero_si256();
+        _mm512_store_si512(dst + 2 * j, pair_words(a, b));
       }
-      for (int64_t j = cols; j < 64; ++j) dst[2 * j] = dst[2 * j + 1] = zero;
     }
   }
 }
