@@ -497,7 +497,9 @@ std::tuple<at::Tensor, at::Tensor> flash_attention_forward_cpu(
 // reused by every query tile of every head of the group) and the tile's Q and dO when it
 // starts; P and dS are read in place, transposed where a product needs P^T or dS^T. MKL's
 // sgemm, which these products called before, runs its AVX2 code on the AMD machines here.
-// float64, and builds without AVX-512: BLAS on the tiles as they are.
+// bf16 (in_t = BFloat16, AVX512-BF16 builds): the same packs in bf16 pairs and the vdpbf16ps
+// micro-kernel; P and dS (fp32 here) are rounded to bf16 for their products, as pair words
+// for P^T and dS^T. float64, and builds without AVX-512: BLAS on the tiles as they are.
 template <typename scalar_t, typename in_t = scalar_t>
 class BackwardTiles {
  public:

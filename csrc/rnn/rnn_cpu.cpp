@@ -32,7 +32,10 @@ struct VecMath {
     const __m512 r = _mm512_rcp14_ps(d);
     return VF(_mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.f))));
 #else
-    return VF(1) / (VF(1) + (-x).exp_u20());
+    // exp_u20's AVX2 code clamps its argument with min/max, which turns a NaN into a bound:
+    // put NaN back where the input has it (NaN must reach every output it touches)
+    const VF y = VF(1) / (VF(1) + (-x).exp_u20());
+    return VF::blendv(y, x, x != x);
 #endif
   }
   static VF tanh(VF x) { return VF(2) * sigmoid(x + x) - VF(1); }
