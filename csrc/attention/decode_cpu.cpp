@@ -1,15 +1,7 @@
-// The decode kernel (decode.h), in its own translation unit: compiled with at::vec's AVX-512
-// implementation where the compiler targets AVX-512 (torch's headers pick the ISA from
-// CPU_CAPABILITY macros that an extension build does not set, and otherwise fall back to
-// generic code, a scalar exp among it). at::vec puts each ISA in its own inline namespace,
-// and this file keeps its vector helpers in an anonymous namespace, so nothing it defines
-// can clash with the other translation units' builds of the same headers.
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__) && \
-    !defined(CPU_CAPABILITY)
-#define CPU_CAPABILITY AVX512
-#define CPU_CAPABILITY_AVX512
-#endif
-
+// The decode kernel (decode.h), in its own translation unit. cpu/utils.h comes first: it sets
+// at::vec's ISA from the build's target (each CPU capability's module is compiled with its own
+// flags), and its row max and exp-and-sum are the ones the general kernel uses.
+#include "../cpu/utils.h"
 #include "decode.h"
 
 #include <ATen/Parallel.h>
@@ -31,54 +23,10 @@
 namespace seqkernels::attention {
 namespace {
 
-template <typename A>
-inline A nan_max(A a, A b) {
-  return (a != a || b != b) ? std::numeric_limits<A>::quiet_NaN() : std::max(a, b);
-}
-
-// max of x[0:n], NaN if any element is NaN.
-template <typename A>
-inline A block_max(const A* x, int64_t n) {
-  using V = at::vec::Vectorized<A>;
-  constexpr int64_t W = V::size();
-  V m(-std::numeric_limits<A>::infinity());
-  int64_t j = 0;
-  for (; j + W <= n; j += W) m = at::vec::maximum(m, V::loadu(x + j));  // propagates NaN
-  A r = at::vec::vec_reduce_all<A>([](V a, V b) { return at::vec::maximum(a, b); }, m);
-  for (; j < n; ++j) r = nan_max(r, x[j]);
-  return r;
-}
-
-// x[j] = exp(x[j] - sub), returns the sum (exp(-inf) = 0). float: at::vec's exp_u20.
-template <typename A>
-inline A exp_block(A* x, int64_t n, A sub) {
-  using V = at::vec::Vectorized<A>;
-  constexpr int64_t W = V::size();
-  V acc(A(0));
-  int64_t j = 0;
-  for (; j + W <= n; j += W) {
-    V e = V::loadu(x + j) - V(sub);
-    if constexpr (std::is_same_v<A, float>) {
-      e = e.exp_u20();
-    } else {
-      e = e.exp();
-    }
-    e.store(x + j);
-    acc = acc + e;
-  }
-  A s = at::vec::vec_reduce_all<A>([](V a, V b) { return a + b; }, acc);
-  for (; j < n; ++j) {
-    x[j] = std::exp(x[j] - sub);
-    s += x[j];
-  }
-  return s;
-}
-
-template <typename A>
-inline void scale_by(A* x, int64_t n, A a) {
-  using V = at::vec::Vectorized<A>;
-  at::vec::map([a](V v) { return v * V(a); }, x, x, n);
-}
+using cpu::exp_sub_sum;
+using cpu::nan_max;
+using cpu::row_max;
+using cpu::scale_row;
 
 // A vector of A (float or double) from storage type T (the same, or bf16/fp16 widened).
 template <typename A, typename T>
@@ -319,15 +267,15 @@ void decode_forward(const DecodeDims& d, const Masking<A>& mk, const KVRows<T>& 
           const int64_t h = hk * d.G + r / d.Lq, i = r % d.Lq;
           mk.cap(srow, n);
           mk.apply(srow, b, h, i, j0, n, Masking<A>::Tile::kMixed);
-          const A m_new = nan_max(M[r], block_max(srow, n));
+          const A m_new = nan_max(M[r], row_max(srow, n));
           if (m_new == kNegInf) {  // nothing visible yet: the block adds nothing to this row
             std::fill(srow, srow + n, A(0));
             continue;
           }
           // A NaN max makes alpha, the sum and the row NaN (exp_sub_sum's fast exp would not).
           const A alpha = std::exp(M[r] - m_new);
-          L[r] = L[r] * alpha + exp_block(srow, n, m_new);
-          if (alpha != A(1)) scale_by(O + r * d.Dv, d.Dv, alpha);
+          L[r] = L[r] * alpha + exp_sub_sum(srow, n, m_new);
+          if (alpha != A(1)) scale_row(O + r * d.Dv, d.Dv, alpha);
           M[r] = m_new;
         }
         for (int64_t jj = 0; jj < n; jj += 4) {

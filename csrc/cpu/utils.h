@@ -23,6 +23,7 @@
 #endif
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
@@ -354,6 +355,15 @@ struct PanelInput {
   int64_t K;
 };
 
+template <int MR>
+inline void zero_tile(__m512 (&acc)[MR][4]) {
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 4
+    for (int g = 0; g < 4; ++g) acc[r][g] = _mm512_setzero_ps();
+  }
+}
+
 // The end of a panel micro-kernel: C = alpha * acc (+ C when accumulate), MR rows of four
 // groups of 16 columns, gs apart, group g keeping its first clamp(nv - g * nv_step, 0, 16).
 template <int MR>
@@ -392,11 +402,7 @@ template <int MR, bool AT = false>
 inline void panel_tile(const PanelInput* in, int inputs, float* c, int64_t ldc, int64_t gs, int nv, int nv_step,
                        float alpha = 1.f, bool accumulate = false) {
   __m512 acc[MR][4];
-#pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r) {
-#pragma GCC unroll 4
-    for (int g = 0; g < 4; ++g) acc[r][g] = _mm512_setzero_ps();
-  }
+  zero_tile<MR>(acc);
   for (int i = 0; i < inputs; ++i) {
     const float* a = in[i].a;
     const int64_t lda = in[i].lda;
@@ -557,11 +563,7 @@ template <int MR, bool AT>
 inline void panel_tile_bf16(const void* a, int64_t lda, const c10::BFloat16* panel, int64_t kpairs, float* c,
                             int64_t ldc, int nv, float alpha, bool accumulate) {
   __m512 acc[MR][4];
-#pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r) {
-#pragma GCC unroll 4
-    for (int g = 0; g < 4; ++g) acc[r][g] = _mm512_setzero_ps();
-  }
+  zero_tile<MR>(acc);
   for (int64_t kp = 0; kp < kpairs; ++kp) {
     const c10::BFloat16* pk = panel + kp * 128;
     __m512bh b[4];
