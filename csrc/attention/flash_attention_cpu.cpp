@@ -273,7 +273,12 @@ void forward_kernel(const Dims& d, const Layout& lay, const attention::Masking<s
   // scale is folded into a scaled copy of the Q block, and the PV product takes the V tile
   // transposed (a Dv x cols copy) and is added into O. A packed batch's K rows are strided:
   // each tile is copied to contiguous rows first (once per 256 query rows).
-  const bool use_onednn = !kBf16 && std::is_same_v<scalar_t, float> && onednn_available();
+#if defined(__AVX512F__)
+  constexpr bool kPanelF32 = std::is_same_v<in_t, float>;  // float32 on the packed-panel micro-kernel
+#else
+  constexpr bool kPanelF32 = false;
+#endif
+  const bool use_onednn = !kBf16 && !kPanelF32 && std::is_same_v<scalar_t, float> && onednn_available();
   at::parallel_for(0, first[d.B], 1, [&](int64_t begin, int64_t end) {
     std::vector<scalar_t> s_buf(kFwdQ * kFwdK), m(kFwdQ), l(kFwdQ), z(mk.has_dropout() ? kFwdK : 0);
     std::vector<scalar_t> q_scaled(use_onednn ? kFwdQ * d.D : 0), v_t(use_onednn ? kFwdK * d.Dv : 0);
@@ -283,6 +288,16 @@ void forward_kernel(const Dims& d, const Layout& lay, const attention::Masking<s
     std::vector<scalar_t> o_acc(kBf16 ? kFwdQ * d.Dv : 0);
     at::Tensor bf16_buf;
     in_t *k_panels = nullptr, *v_panels = nullptr, *p_bf16 = nullptr;
+    at::Tensor f32_buf;
+    float *k_f32 = nullptr, *v_f32 = nullptr;
+#if defined(__AVX512F__)
+    if constexpr (kPanelF32) {
+      const int64_t nk = panel_floats(kFwdK, d.D);
+      f32_buf = at::empty({nk + panel_floats(d.Dv, kFwdK)}, at::kFloat);
+      k_f32 = f32_buf.mutable_data_ptr<float>();
+      v_f32 = k_f32 + nk;
+    }
+#endif
 #if defined(__AVX512BF16__)
     if constexpr (kBf16) {
       const int64_t nk = panel_elems_bf16(kFwdK, d.D), nv = panel_elems_bf16(d.Dv, kFwdK);
@@ -344,6 +359,11 @@ void forward_kernel(const Dims& d, const Layout& lay, const attention::Masking<s
           pack_nk_bf16(k_panels, K + j0 * krs, krs, cols, d.D);
           panel_gemm_bf16(rows, cols, d.D / 2, Q, qrs, k_panels, S, cols, scale, false);
 #endif
+        } else if constexpr (kPanelF32) {
+#if defined(__AVX512F__)
+          pack_nk_into(k_f32, K + j0 * krs, krs, cols, d.D);
+          panel_gemm<false>(rows, cols, d.D, Q, qrs, k_f32, S, cols, scale, false);
+#endif
         } else if (!use_onednn) {
           gemm_rm<scalar_t>(N, T, rows, cols, d.D, scale, Q, qrs, K + j0 * krs, krs, 0, S, cols);
         }
@@ -389,6 +409,11 @@ void forward_kernel(const Dims& d, const Layout& lay, const attention::Masking<s
           for (int64_t r = 0; r < rows; ++r) to_bf16_padded(S + r * cols, cols, p_bf16 + r * cp, cp);
           pack_kn_bf16(v_panels, V + j0 * vrs, vrs, cols, d.Dv);
           panel_gemm_bf16(rows, d.Dv, cp / 2, p_bf16, cp, v_panels, O, o_rs, 1.f, true);
+#endif
+        } else if constexpr (kPanelF32) {
+#if defined(__AVX512F__)
+          pack_kn_into(v_f32, V + j0 * vrs, vrs, cols, d.Dv);
+          panel_gemm<false>(rows, d.Dv, cols, S, cols, v_f32, O, o_rs, 1.f, true);
 #endif
         } else if (!use_onednn) {
           gemm_rm<scalar_t>(N, N, rows, d.Dv, cols, 1, S, cols, V + j0 * vrs, vrs, 1, O, o_rs);
