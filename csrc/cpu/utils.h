@@ -423,20 +423,29 @@ inline void panel_tile(const PanelInput* in, int inputs, float* c, int64_t ldc, 
   store_tile<MR>(acc, c, ldc, gs, nv, nv_step, alpha, accumulate);
 }
 
-// panel_tile for any row count mr <= kPanelRows.
+// f(std::integral_constant<int, MR>()) for a run-time row count 1 <= mr <= kPanelRows: the
+// micro-kernels are templates on their row count.
 constexpr int kPanelRows = 6;
+template <class F>
+inline void with_panel_rows(int mr, F&& f) {
+  switch (mr) {
+    case 1: return f(std::integral_constant<int, 1>());
+    case 2: return f(std::integral_constant<int, 2>());
+    case 3: return f(std::integral_constant<int, 3>());
+    case 4: return f(std::integral_constant<int, 4>());
+    case 5: return f(std::integral_constant<int, 5>());
+    case 6: return f(std::integral_constant<int, 6>());
+    default: TORCH_CHECK(false, "panel micro-kernel: ", mr, " rows is above ", kPanelRows);
+  }
+}
+
+// panel_tile for any row count mr <= kPanelRows.
 template <bool AT = false>
 inline void panel_rows(int mr, const PanelInput* in, int inputs, float* c, int64_t ldc, int64_t gs, int nv,
                        int nv_step, float alpha = 1.f, bool accumulate = false) {
-  switch (mr) {
-    case 1: return panel_tile<1, AT>(in, inputs, c, ldc, gs, nv, nv_step, alpha, accumulate);
-    case 2: return panel_tile<2, AT>(in, inputs, c, ldc, gs, nv, nv_step, alpha, accumulate);
-    case 3: return panel_tile<3, AT>(in, inputs, c, ldc, gs, nv, nv_step, alpha, accumulate);
-    case 4: return panel_tile<4, AT>(in, inputs, c, ldc, gs, nv, nv_step, alpha, accumulate);
-    case 5: return panel_tile<5, AT>(in, inputs, c, ldc, gs, nv, nv_step, alpha, accumulate);
-    case 6: return panel_tile<6, AT>(in, inputs, c, ldc, gs, nv, nv_step, alpha, accumulate);
-    default: TORCH_CHECK(false, "panel_rows: ", mr, " rows is above ", kPanelRows);
-  }
+  with_panel_rows(mr, [&](auto rows) {
+    panel_tile<decltype(rows)::value, AT>(in, inputs, c, ldc, gs, nv, nv_step, alpha, accumulate);
+  });
 }
 
 // Panels of 64 floats per k needed for n columns.
@@ -596,14 +605,9 @@ inline void panel_gemm_bf16(int64_t m, int64_t n, int64_t kpairs, const void* a,
       const void* ar = AT ? static_cast<const void*>(static_cast<const int32_t*>(a) + r0)
                           : static_cast<const void*>(static_cast<const c10::BFloat16*>(a) + r0 * lda);
       float* cr = c + r0 * ldc + p * 64;
-      switch (mr) {
-        case 1: return panel_tile_bf16<1, AT>(ar, lda, panel, kpairs, cr, ldc, nv, alpha, accumulate);
-        case 2: return panel_tile_bf16<2, AT>(ar, lda, panel, kpairs, cr, ldc, nv, alpha, accumulate);
-        case 3: return panel_tile_bf16<3, AT>(ar, lda, panel, kpairs, cr, ldc, nv, alpha, accumulate);
-        case 4: return panel_tile_bf16<4, AT>(ar, lda, panel, kpairs, cr, ldc, nv, alpha, accumulate);
-        case 5: return panel_tile_bf16<5, AT>(ar, lda, panel, kpairs, cr, ldc, nv, alpha, accumulate);
-        default: return panel_tile_bf16<6, AT>(ar, lda, panel, kpairs, cr, ldc, nv, alpha, accumulate);
-      }
+      with_panel_rows(mr, [&](auto rows) {
+        panel_tile_bf16<decltype(rows)::value, AT>(ar, lda, panel, kpairs, cr, ldc, nv, alpha, accumulate);
+      });
     });
   }
 }
