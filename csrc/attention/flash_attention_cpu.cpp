@@ -34,7 +34,7 @@
 #include <vector>
 
 #include "../common.h"
-#include "../cpu/utils.h"
+#include "../cpu/panel_bf16.h"
 #include "decode.h"
 #include "masking.h"
 

@@ -8,7 +8,7 @@
 
 #include <cstring>
 
-#include "../cpu/utils.h"
+#include "../cpu/panel.h"
 #include "cell_math.h"
 #include "rnn_layer.h"
 
