@@ -286,14 +286,12 @@ void forward_kernel(const Dims& d, const Layout& lay, const attention::Masking<s
     std::vector<scalar_t> s_buf(kFwdQ * kFwdK), m(kFwdQ), l(kFwdQ), z(mk.has_dropout() ? kFwdK : 0);
     std::vector<scalar_t> q_scaled(use_onednn ? kFwdQ * d.D : 0), v_t(use_onednn ? kFwdK * d.Dv : 0);
     std::vector<scalar_t> k_pack(use_onednn && krs != d.D ? kFwdK * d.D : 0);
-    // bf16: the fp32 output rows, the K tile and V tile as bf16 panels (64-byte aligned), P in bf16
-    const int64_t p_ld = (kFwdK + 1) / 2 * 2;
+    // bf16: the fp32 output rows, the K tile and V tile as bf16 panels (64-byte aligned), P in
+    // bf16; float32 on AVX-512: the K and V tiles as float panels
     std::vector<scalar_t> o_acc(kBf16 ? kFwdQ * d.Dv : 0);
-    at::Tensor bf16_buf;
-    in_t *k_panels = nullptr, *v_panels = nullptr, *p_bf16 = nullptr;
+#if defined(__AVX512F__)
     at::Tensor f32_buf;
     float *k_f32 = nullptr, *v_f32 = nullptr;
-#if defined(__AVX512F__)
     if constexpr (kPanelF32) {
       const int64_t nk = panel_floats(kFwdK, d.D);
       f32_buf = at::empty({nk + panel_floats(d.Dv, kFwdK)}, at::kFloat);
@@ -302,6 +300,9 @@ void forward_kernel(const Dims& d, const Layout& lay, const attention::Masking<s
     }
 #endif
 #if defined(__AVX512BF16__)
+    const int64_t p_ld = (kFwdK + 1) / 2 * 2;
+    at::Tensor bf16_buf;
+    in_t *k_panels = nullptr, *v_panels = nullptr, *p_bf16 = nullptr;
     if constexpr (kBf16) {
       const int64_t nk = panel_elems_bf16(kFwdK, d.D), nv = panel_elems_bf16(d.Dv, kFwdK);
       bf16_buf = at::empty({nk + nv + kFwdQ * p_ld + 64}, at::kBFloat16);
@@ -466,19 +467,11 @@ std::tuple<at::Tensor, at::Tensor> flash_attention_forward_cpu(
   // which reads bf16 / fp16 K and V as they are (widened in registers).
   const bool decode = dropout_p == 0.0 && d.G * d.Lq <= attention::kDecodeMaxRows && decode_regime_flag().load();
 #if defined(__AVX512BF16__)
-  if (q.scalar_type() == at::kBFloat16 && !decode && d.D % 2 == 0) {  // bf16 tile products (forward_kernel)
-    at::Tensor out = new_output({d.B, d.H, d.Lq, d.Dv}, q.options());
-    at::Tensor lse = new_output({d.B, d.H, d.Lq}, q.options().dtype(at::kFloat));
-    const auto mk = make_masking<float>(d, causal, bottom_right, mask_in, dropout_p, rng_state, softcap, window_left,
-                                        window_right);
-    forward_kernel<float, c10::BFloat16>(d, batched_layout(q, k, v, out, lse), mk, q.const_data_ptr<c10::BFloat16>(),
-                                         k.const_data_ptr<c10::BFloat16>(), v.const_data_ptr<c10::BFloat16>(),
-                                         out.mutable_data_ptr<c10::BFloat16>(), lse.mutable_data_ptr<float>(),
-                                         static_cast<float>(scale));
-    return {out, lse};
-  }
+  const bool native_bf16 = q.scalar_type() == at::kBFloat16 && d.D % 2 == 0;  // bf16 tile products (forward_kernel)
+#else
+  const bool native_bf16 = false;
 #endif
-  if (is_half(q) && !decode) {  // the float32 kernel on float32 copies, the output rounded once
+  if (is_half(q) && !decode && !native_bf16) {  // the float32 kernel on float32 copies, the output rounded once
     auto [o, l] = flash_attention_forward_cpu(to_float(q), to_float(k), to_float(v), causal, bottom_right, scale,
                                               mask_in.mask.defined() ? std::optional<at::Tensor>(mask_in.mask)
                                                                      : std::nullopt,
@@ -488,12 +481,21 @@ std::tuple<at::Tensor, at::Tensor> flash_attention_forward_cpu(
   }
   at::Tensor out = new_output({d.B, d.H, d.Lq, d.Dv}, q.options());
   at::Tensor lse = new_output({d.B, d.H, d.Lq}, q.options().dtype(is_half(q) ? at::kFloat : q.scalar_type()));
-  if (is_half(q)) {
+  if (is_half(q)) {  // the decode kernel, or bf16 tile products
     const auto mk = make_masking<float>(d, causal, bottom_right, mask_in, dropout_p, rng_state, softcap, window_left,
                                         window_right);
-    AT_DISPATCH_REDUCED_FLOATING_TYPES(q.scalar_type(), "flash_attention_forward_cpu", [&] {
-      run_decode<scalar_t, float>(d, mk, q, k, v, scale, out, lse);
-    });
+    if (decode) {
+      AT_DISPATCH_REDUCED_FLOATING_TYPES(q.scalar_type(), "flash_attention_forward_cpu", [&] {
+        run_decode<scalar_t, float>(d, mk, q, k, v, scale, out, lse);
+      });
+    } else {
+#if defined(__AVX512BF16__)
+      using bf16 = c10::BFloat16;
+      forward_kernel<float, bf16>(d, batched_layout(q, k, v, out, lse), mk, q.const_data_ptr<bf16>(),
+                                  k.const_data_ptr<bf16>(), v.const_data_ptr<bf16>(), out.mutable_data_ptr<bf16>(),
+                                  lse.mutable_data_ptr<float>(), static_cast<float>(scale));
+#endif
+    }
     return {out, lse};
   }
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "flash_attention_forward_cpu", [&] {
@@ -508,20 +510,9 @@ std::tuple<at::Tensor, at::Tensor> flash_attention_forward_cpu(
   return {out, lse};
 }
 
-// Backward. With P = exp(S - lse) recomputed tile by tile and
-// delta_i = rowsum(dO_i * O_i) - dlse_i:
-//   dV = P^T dO,  dP = dO V^T,  dS = P * (dP - delta),  dK = scale dS^T Q,  dQ = scale dS K.
-// With dropout (multipliers Z, 0 or 1/(1-p), regenerated from the same counters), the
-// output used P * Z: dV = (P * Z)^T dO and dP = (dO V^T) * Z; delta is unchanged, since
-// rowsum(P * dP) = rowsum(dO * O) still.
-// Work is split over (batch, key/value head, key chunk): a task owns the dK/dV rows of its
-// key blocks (summing over the query heads of its group), so no two threads ever write
-// the same dK/dV row. dQ gets one partial per key chunk, summed in chunk order at the
-// end: the result does not depend on scheduling (it is bitwise reproducible for a given
-// thread count, which fixes the number of chunks).
 // The backward's five tile products, for one key block (cols keys of K, V) and one query tile
 // (rows of Q, dO) at a time. float32 on AVX-512: the packed-panel micro-kernel
-// (cpu/utils.h), with the key block's K and V packed when the block starts (three packs,
+// (cpu/panel.h, cpu/panel_bf16.h), with the key block's K and V packed when the block starts (three packs,
 // reused by every query tile of every head of the group) and the tile's Q and dO when it
 // starts; P and dS are read in place, transposed where a product needs P^T or dS^T. MKL's
 // sgemm, which these products called before, runs its AVX2 code on the AMD machines here.
@@ -676,6 +667,18 @@ class BackwardTiles {
   int32_t* pairs_ = nullptr;
 };
 
+// Backward. With P = exp(S - lse) recomputed tile by tile and
+// delta_i = rowsum(dO_i * O_i) - dlse_i:
+//   dV = P^T dO,  dP = dO V^T,  dS = P * (dP - delta),  dK = scale dS^T Q,  dQ = scale dS K.
+// With dropout (multipliers Z, 0 or 1/(1-p), regenerated from the same counters), the
+// output used P * Z: dV = (P * Z)^T dO and dP = (dO V^T) * Z; delta is unchanged, since
+// rowsum(P * dP) = rowsum(dO * O) still.
+// Work is split over (batch, key/value head, key chunk): a task owns the dK/dV rows of its
+// key blocks (summing over the query heads of its group), so no two threads ever write
+// the same dK/dV row. dQ gets one partial per key chunk, summed in chunk order at the
+// end: the result does not depend on scheduling (it is bitwise reproducible for a given
+// thread count, which fixes the number of chunks).
+//
 // in_t = scalar_t, or in_t = BFloat16 with scalar_t = float (AVX512-BF16 builds): q, k, v, dO
 // and dK, dV in bf16, the tile products in bf16 (P and dS rounded), dK and dV accumulated
 // in fp32 rows per key block, dQ in fp32 partials.

@@ -5,6 +5,8 @@
 
 #include <c10/util/BFloat16.h>
 
+#include <cstring>
+
 #include "panel.h"
 
 namespace seqkernels::cpu {

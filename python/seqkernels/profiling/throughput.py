@@ -35,11 +35,10 @@ def attention_case(L: int, D: int, causal: bool, backward: bool, dtypes=("float3
     g = torch.Generator().manual_seed(0)
     base = [torch.randn(1, H, L, D, generator=g) for _ in range(3)]
     go = torch.randn(1, H, L, D, generator=g)
-    fns, tensors = {}, []
+    fns = {}
     for name in dtypes:
         dt = DTYPES[name]
         q, k, v = (t.to(dt).requires_grad_(backward) for t in base)
-        tensors += [q, k, v]
         run = _runner((q, k, v), go.to(dt), backward)
         fns[f"seqkernels_{name}"] = run(lambda q=q, k=k, v=v: seqkernels.flash_attention(q, k, v, causal=causal))
         fns[f"torch_{name}"] = run(lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v, is_causal=causal))
