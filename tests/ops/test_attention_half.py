@@ -110,3 +110,16 @@ def test_backward_op_rejects_mixed_dtypes(dtype):
     out, lse = OPS.flash_attention_forward(q, k, v, False, True, 0.3)
     with pytest.raises(RuntimeError, match="grad_out (and out )?must have"):
         OPS.flash_attention_backward(out.float(), None, q, k, v, out, lse, False, True, 0.3)
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("Lq", [1, 70], ids=["decode", "general"])
+def test_nan_reaches_the_outputs_torch_gives_nan(dtype, Lq):
+    """A NaN in one key of one K/V head: every query row of the heads reading it is NaN, as in
+    torch's SDPA in the same dtype; the other heads stay finite."""
+    q, k, v = inputs(1, 4, 2, Lq, 131, 64, dtype)
+    k[0, 1, 17, 3] = float("nan")
+    ours = seqkernels.flash_attention(q, k, v)
+    theirs = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1))
+    assert torch.equal(ours.isnan(), theirs.isnan())
+    assert ours[:, 2:].isnan().all() and ours[:, :2].isfinite().all()
