@@ -21,10 +21,8 @@ namespace seqkernels::cpu {
 // (uint32: low half A[r, 2kp], high half A[r, 2kp + 1]) at a[kp * lda + r], which
 // pair_rows_f32 makes from a tile whose rows are A's columns (P^T, dS^T in the backward).
 template <int MR, bool AT>
-inline void panel_tile_bf16(const void* a, int64_t lda, const c10::BFloat16* panel, int64_t kpairs, float* c,
-                            int64_t ldc, int nv, float alpha, bool accumulate) {
-  __m512 acc[MR][4];
-  zero_tile<MR>(acc);
+inline void accumulate_bf16(__m512 (&acc)[MR][4], const void* a, int64_t lda, const c10::BFloat16* panel,
+                            int64_t kpairs) {
   for (int64_t kp = 0; kp < kpairs; ++kp) {
     const c10::BFloat16* pk = panel + kp * 128;
     __m512bh b[4];
@@ -42,7 +40,43 @@ inline void panel_tile_bf16(const void* a, int64_t lda, const c10::BFloat16* pan
       for (int g = 0; g < 4; ++g) acc[r][g] = _mm512_dpbf16_ps(acc[r][g], av, b[g]);
     }
   }
+}
+
+template <int MR, bool AT>
+inline void panel_tile_bf16(const void* a, int64_t lda, const c10::BFloat16* panel, int64_t kpairs, float* c,
+                            int64_t ldc, int nv, float alpha, bool accumulate) {
+  __m512 acc[MR][4];
+  zero_tile<MR>(acc);
+  accumulate_bf16<MR, AT>(acc, a, lda, panel, kpairs);
   store_tile<MR>(acc, c, ldc, 16, nv, 16, alpha, accumulate);
+}
+
+// One operand pair of a bf16 panel product (as PanelInput): A row-major bf16 (row stride lda,
+// even), a panel of kpairs k-pairs.
+struct PanelInputBf16 {
+  const c10::BFloat16* a;
+  int64_t lda;
+  const c10::BFloat16* panel;
+  int64_t kpairs;
+};
+
+// panel_tile's bf16 form for the recurrent step: C = sum over the inputs of A times the panel
+// ([x_t | h_prev] times [W_ih | W_hh] without forming the concatenation), stored as panel_tile
+// stores (four groups of 16 columns gs apart: gs = H for the LSTM's gate layout).
+template <int MR>
+inline void panel_tile_bf16_inputs(const PanelInputBf16* in, int inputs, float* c, int64_t ldc, int64_t gs, int nv,
+                                   int nv_step) {
+  __m512 acc[MR][4];
+  zero_tile<MR>(acc);
+  for (int i = 0; i < inputs; ++i) accumulate_bf16<MR, false>(acc, in[i].a, in[i].lda, in[i].panel, in[i].kpairs);
+  store_tile<MR>(acc, c, ldc, gs, nv, nv_step, 1.f, false);
+}
+
+inline void panel_rows_bf16(int mr, const PanelInputBf16* in, int inputs, float* c, int64_t ldc, int64_t gs, int nv,
+                            int nv_step) {
+  with_panel_rows(mr, [&](auto rows) {
+    panel_tile_bf16_inputs<decltype(rows)::value>(in, inputs, c, ldc, gs, nv, nv_step);
+  });
 }
 
 // C (m x n, row stride ldc) = alpha * A B (+ C when accumulate) on the calling thread: A (m x 2
@@ -141,6 +175,27 @@ inline void pack_kn_bf16(c10::BFloat16* out, const c10::BFloat16* w, int64_t ldw
       }
     }
   }
+}
+// W (n x k bf16, row-major, any k) packed into bf16 panels for products A W^T, as a tensor
+// (panels packed in parallel, each kpairs = ceil(k / 2) pairs; a zero pair half past k).
+// Lanes as pack_panels: gate layout (gates = true, n = 4H) lane g * 16 + j of panel p is row
+// g * H + 16p + j; contiguous layout lane j is row 64p + j; zero past the rows there are.
+inline at::Tensor pack_panels_bf16(const c10::BFloat16* w, int64_t n, int64_t k, bool gates) {
+  const int64_t H = n / 4, panels = gates ? (H + 15) / 16 : (n + 63) / 64, kpairs = (k + 1) / 2;
+  at::Tensor packed = at::zeros({panels * kpairs * 128}, at::TensorOptions().dtype(at::kBFloat16));
+  c10::BFloat16* out = packed.mutable_data_ptr<c10::BFloat16>();
+  at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      c10::BFloat16* panel = out + p * kpairs * 128;
+      for (int64_t lane = 0; lane < 64; ++lane) {
+        const int64_t unit = gates ? p * 16 + lane % 16 : p * 64 + lane;
+        if (unit >= (gates ? H : n)) continue;
+        const c10::BFloat16* wr = w + (gates ? (lane / 16) * H + unit : unit) * k;
+        for (int64_t kk = 0; kk < k; ++kk) panel[(kk / 2) * 128 + lane * 2 + kk % 2] = wr[kk];
+      }
+    }
+  });
+  return packed;
 }
 #endif  // __AVX512BF16__
 

@@ -1,14 +1,15 @@
 // The CPU backend of the recurrent layers (csrc/rnn/rnn_layer.h): BLAS GEMMs called on raw
 // pointers (no dispatcher overhead per time step, which matters at batch 1) and the fused
 // pointwise passes of csrc/rnn/cell_math.h, vectorized with at::vec and parallel over the
-// batch with at::parallel_for. float32 and float64.
+// batch with at::parallel_for. float32 and float64, and bfloat16 (its own forward loops, at
+// the end of the file).
 
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <cstring>
 
-#include "../cpu/panel.h"
+#include "../cpu/panel_bf16.h"
 #include "cell_math.h"
 #include "rnn_layer.h"
 
@@ -519,13 +520,315 @@ struct CpuBackend {
   }
 };
 
+// --- bfloat16 ------------------------------------------------------------------------------
+// bf16 layers: x, the hidden state h (y, hs), h0 and the weights in bf16; the products
+// accumulate in fp32, and the gates, the cell state (cs, rs: fp32 tensors, saved for the
+// backward) and the pointwise math are fp32. h is rounded to bf16 after each step, as a
+// bf16 nn.LSTM's output is, and that rounded state feeds the next step; c_n is rounded once.
+// Where the build has AVX512-BF16 and I and P are even, each step is one pass of the bf16
+// micro-kernel (cpu::panel_tile_bf16_inputs) over [x_t | h_prev] times [W_ih | W_hh], with the
+// pointwise work on the tile and h rounded in the same thread; elsewhere the same math runs in
+// fp32 on the float32 path's products (the bf16 values converted, so the result differs only
+// by the order of the fp32 sums). The backward runs the float32 kernels on float32 copies of
+// the bf16 tensors (the gradient of the rounding is taken as 1) and rounds the gradients.
+
+using BF16 = c10::BFloat16;
+
+// dst[0:n] = bf16(src[0:n]), round to nearest even (NaN stays NaN).
+inline void round_bf16(const float* src, BF16* dst, int64_t n) {
+#if defined(__AVX512BF16__)
+  cpu::to_bf16_padded(src, n, dst, n);
+#else
+  for (int64_t j = 0; j < n; ++j) dst[j] = BF16(src[j]);
+#endif
+}
+
+inline void widen_bf16(const BF16* src, float* dst, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<float>(src[j]);
+}
+
+// Whether the bf16 micro-kernel takes a layer's products: an AVX512-BF16 build and even
+// depths (the kernel reads A's k in pairs).
+inline bool native_bf16(const Layer& L) {
+#if defined(__AVX512BF16__)
+  return L.I % 2 == 0 && L.P % 2 == 0;
+#else
+  (void)L;
+  return false;
+#endif
+}
+
+inline at::Tensor as_float(const at::Tensor& t) { return t.defined() ? t.to(at::kFloat).contiguous() : t; }
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_forward_bf16(
+    const at::Tensor& x_, const at::Tensor& h0_, const at::Tensor& c0_, const at::Tensor& w_ih_,
+    const at::Tensor& w_hh_, const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& w_hr,
+    const std::optional<at::Tensor>& lengths, bool reverse, bool workspace) {
+  check_layer_args(x_, h0_, w_ih_, w_hh_, 4, lengths);
+  const at::Tensor x = x_.contiguous(), h0 = h0_.contiguous(), w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
+  const bool proj = w_hr.has_value() && w_hr->defined();
+  const Layer L = make_layer(x, w_hh, 4, reverse, lengths);
+  check_lstm_args(x, c0_, proj ? *w_hr : at::Tensor(), proj, bias, L, "lstm_layer_forward");
+  const int64_t GH = 4 * L.H, B = L.B, H = L.H, P = L.P;
+  const auto opt = x.options(), fopt = opt.dtype(at::kFloat);
+  const at::Tensor c0 = as_float(c0_), b = bias.has_value() && bias->defined() ? as_float(*bias) : at::Tensor();
+  const at::Tensor whr = proj ? as_float(*w_hr) : at::Tensor();
+  const float* bp = b.defined() ? b.const_data_ptr<float>() : nullptr;
+  at::Tensor y = new_output({L.T, B, P}, opt);
+  at::Tensor hs = L.lengths ? at::empty({L.T, B, P}, opt) : at::empty({0}, opt);
+  at::Tensor gates = workspace ? at::empty({L.T, B, GH}, fopt) : at::empty({0}, fopt);
+  at::Tensor cs = at::empty({workspace ? L.T : 2, B, H}, fopt);
+  at::Tensor rs = proj ? at::empty({workspace ? L.T : 1, B, H}, fopt) : at::empty({0}, fopt);
+  at::Tensor zh = at::empty({B, GH}, fopt), hf = at::empty({B, H}, fopt), hpf = at::empty({B, P}, fopt);
+  at::Tensor hpf2 = proj ? at::empty({B, P}, fopt) : at::Tensor();
+  BF16* states = (L.lengths ? hs : y).mutable_data_ptr<BF16>();
+  float* zhp = zh.mutable_data_ptr<float>();
+  CpuBackend bk;
+  const bool native = native_bf16(L);
+  // the float32 path's weights and input term (a chunk of steps at a time, as the float32
+  // inference path forms it; all T steps into `gates` with a workspace)
+  at::Tensor w_ih_f, w_hh_f, z_chunk;
+  int64_t z_lo = 0, z_hi = 0;
+  if (!native) {
+    w_ih_f = as_float(w_ih);
+    w_hh_f = as_float(w_hh);
+    if (workspace) gates = bk.input_projection(as_float(x).view({L.T * B, L.I}), w_ih_f).view({L.T, B, GH});
+  }
+  const int64_t chunk = std::max<int64_t>(1, kChunkBytes / std::max<int64_t>(1, B * GH * 4));
+  auto z_at = [&](int64_t t) -> float* {
+    if (workspace) return gates.mutable_data_ptr<float>() + t * B * GH;
+    if (native) return nullptr;
+    if (t < z_lo || t >= z_hi) {
+      z_lo = reverse ? std::max<int64_t>(0, t - chunk + 1) : t;
+      z_hi = reverse ? t + 1 : std::min(L.T, t + chunk);
+      z_chunk = bk.input_projection(as_float(x.narrow(0, z_lo, z_hi - z_lo)).view({(z_hi - z_lo) * B, L.I}), w_ih_f);
+    }
+    return z_chunk.mutable_data_ptr<float>() + (t - z_lo) * B * GH;
+  };
+  float* hfp = hf.mutable_data_ptr<float>();
+#if defined(__AVX512BF16__)
+  at::Tensor pw, pi;
+  if (native) {
+    pw = cpu::pack_panels_bf16(w_hh.const_data_ptr<BF16>(), GH, P, true);
+    pi = cpu::pack_panels_bf16(w_ih.const_data_ptr<BF16>(), GH, L.I, true);
+  }
+#endif
+  for (int64_t s = 0; s < L.T; ++s) {
+    const int64_t t = L.step_time(s);
+    const BF16* h_prev = L.first(t) ? h0.const_data_ptr<BF16>() : states + L.prev_time(t) * B * P;
+    const float* c_prev = L.first(t) ? c0.const_data_ptr<float>() : cs.mutable_data_ptr<float>() + (workspace ? L.prev_time(t) : L.prev_time(t) % 2) * B * H;
+    float* c_t = cs.mutable_data_ptr<float>() + (workspace ? t : t % 2) * B * H;
+    float* r_t = proj ? rs.mutable_data_ptr<float>() + (workspace ? t : 0) * B * H : hfp;  // o * tanh(c), fp32
+    BF16* h_t = states + t * B * P;
+    float* z = z_at(t);
+    // h_t for batch rows [r0, r1) and hidden units [u0, u1): the pointwise result rounded,
+    // or the state passed through past a sequence's length
+    auto emit = [&](int64_t r0, int64_t r1, int64_t u0, int64_t u1) {
+      for (int64_t bb = r0; bb < r1; ++bb) {
+        if (masked(L, t, bb)) std::copy(h_prev + bb * P + u0, h_prev + bb * P + u1, h_t + bb * P + u0);
+        else round_bf16(r_t + bb * H + u0, h_t + bb * P + u0, u1 - u0);
+      }
+    };
+    if (native) {
+#if defined(__AVX512BF16__)
+      const BF16* x_t = x.const_data_ptr<BF16>() + t * B * L.I;
+      at::parallel_for(0, (H + 15) / 16, 1, [&](int64_t p0, int64_t p1) {
+        for (int64_t p = p0; p < p1; ++p) {
+          const int64_t u0 = p * 16, u1 = std::min(H, u0 + 16);
+          cpu::for_row_blocks(B, [&](int64_t r0, int mr) {
+            const cpu::PanelInputBf16 in[2] = {{h_prev + r0 * P, P, pw.const_data_ptr<BF16>() + p * (P / 2) * 128, P / 2},
+                                               {x_t + r0 * L.I, L.I, pi.const_data_ptr<BF16>() + p * (L.I / 2) * 128, L.I / 2}};
+            cpu::panel_rows_bf16(mr, in, 2, zhp + r0 * GH + u0, GH, H, static_cast<int>(u1 - u0), 0);
+            for (int64_t bb = r0; bb < r0 + mr; ++bb) {
+              CpuBackend::lstm_units_forward<float>(L, t, bb, u0, u1, z, zhp, bp, c_prev, nullptr, c_t, r_t, false);
+            }
+            if (!proj) emit(r0, r0 + mr, u0, u1);
+          });
+        }
+      });
+#endif
+    } else {
+      float* hp = hpf.mutable_data_ptr<float>();
+      widen_bf16(h_prev, hp, B * P);
+      const float* zh_t = bk.matmul_nt<float>(B, GH, P, hp, w_hh_f.const_data_ptr<float>(), zhp);
+      at::parallel_for(0, B, 1, [&](int64_t r0, int64_t r1) {
+        for (int64_t bb = r0; bb < r1; ++bb) {
+          CpuBackend::lstm_units_forward<float>(L, t, bb, 0, H, z, zh_t, bp, c_prev, nullptr, c_t, r_t, true);
+        }
+        if (!proj) emit(r0, r1, 0, H);
+      });
+    }
+    if (proj) {  // h_t = r_t W_hr^T in fp32, rounded
+      float* hp2 = hpf2.mutable_data_ptr<float>();
+      bk.gemm<float>(Tr::N, Tr::T, B, P, H, 1.f, r_t, H, whr.const_data_ptr<float>(), H, 0.f, hp2, P);
+      for (int64_t bb = 0; bb < B; ++bb) {
+        if (masked(L, t, bb)) std::copy(h_prev + bb * P, h_prev + (bb + 1) * P, h_t + bb * P);
+        else round_bf16(hp2 + bb * P, h_t + bb * P, P);
+      }
+    }
+    if (L.lengths) CpuBackend::mask_output<BF16>(L, t, y.mutable_data_ptr<BF16>() + t * B * P, h_t, P);
+  }
+  const int64_t last = reverse ? 0 : L.T - 1;
+  at::Tensor hn = new_output({B, P}, opt), cn = new_output({B, H}, opt);
+  hn.copy_((L.lengths ? hs : y)[last]);
+  cn.copy_(cs[workspace ? last : last % 2]);
+  if (!workspace) return {y, hn, cn, gates, hs, at::empty({0}, fopt), at::empty({0}, fopt)};
+  return {y, hn, cn, gates, hs, cs, rs};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rnn_forward_bf16(const at::Tensor& x_, const at::Tensor& h0_,
+                                                                const at::Tensor& w_ih_, const at::Tensor& w_hh_,
+                                                                const std::optional<at::Tensor>& bias,
+                                                                const std::optional<at::Tensor>& lengths, bool reverse,
+                                                                bool relu) {
+  check_layer_args(x_, h0_, w_ih_, w_hh_, 1, lengths);
+  const at::Tensor x = x_.contiguous(), h0 = h0_.contiguous(), w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
+  const Layer L = make_layer(x, w_hh, 1, reverse, lengths);
+  TORCH_CHECK(L.P == L.H, "rnn_layer_forward: w_hh must be square, got ", w_hh.sizes());
+  if (bias.has_value() && bias->defined()) check_arg(*bias, "rnn_layer_forward", "bias", {L.H}, x);
+  const int64_t B = L.B, H = L.H;
+  const auto opt = x.options(), fopt = opt.dtype(at::kFloat);
+  const at::Tensor b = bias.has_value() && bias->defined() ? as_float(*bias) : at::Tensor();
+  const float* bp = b.defined() ? b.const_data_ptr<float>() : nullptr;
+  at::Tensor y = new_output({L.T, B, H}, opt);
+  at::Tensor hs = L.lengths ? at::empty({L.T, B, H}, opt) : at::empty({0}, opt);
+  at::Tensor zh = at::empty({B, H}, fopt), hf = at::empty({B, H}, fopt), hpf = at::empty({B, H}, fopt);
+  BF16* states = (L.lengths ? hs : y).mutable_data_ptr<BF16>();
+  float* zhp = zh.mutable_data_ptr<float>();
+  float* hfp = hf.mutable_data_ptr<float>();
+  CpuBackend bk;
+  const bool native = native_bf16(L);
+  at::Tensor w_hh_f, z;
+  if (!native) {
+    w_hh_f = as_float(w_hh);
+    z = bk.input_projection(as_float(x).view({L.T * B, L.I}), as_float(w_ih)).view({L.T, B, H});
+  }
+#if defined(__AVX512BF16__)
+  at::Tensor pw, pi;
+  if (native) {
+    pw = cpu::pack_panels_bf16(w_hh.const_data_ptr<BF16>(), H, H, false);
+    pi = cpu::pack_panels_bf16(w_ih.const_data_ptr<BF16>(), H, L.I, false);
+  }
+#endif
+  for (int64_t s = 0; s < L.T; ++s) {
+    const int64_t t = L.step_time(s);
+    const BF16* h_prev = L.first(t) ? h0.const_data_ptr<BF16>() : states + L.prev_time(t) * B * H;
+    BF16* h_t = states + t * B * H;
+    auto emit = [&](int64_t r0, int64_t r1, int64_t u0, int64_t u1) {
+      for (int64_t bb = r0; bb < r1; ++bb) {
+        if (masked(L, t, bb)) std::copy(h_prev + bb * H + u0, h_prev + bb * H + u1, h_t + bb * H + u0);
+        else round_bf16(hfp + bb * H + u0, h_t + bb * H + u0, u1 - u0);
+      }
+    };
+    if (native) {
+#if defined(__AVX512BF16__)
+      using Vec = at::vec::Vectorized<float>;
+      const BF16* x_t = x.const_data_ptr<BF16>() + t * B * L.I;
+      at::parallel_for(0, (H + 63) / 64, 1, [&](int64_t p0, int64_t p1) {
+        for (int64_t p = p0; p < p1; ++p) {
+          const int64_t u0 = p * 64, u1 = std::min(H, u0 + 64);
+          cpu::for_row_blocks(B, [&](int64_t r0, int mr) {
+            const cpu::PanelInputBf16 in[2] = {{h_prev + r0 * H, H, pw.const_data_ptr<BF16>() + p * (H / 2) * 128, H / 2},
+                                               {x_t + r0 * L.I, L.I, pi.const_data_ptr<BF16>() + p * (L.I / 2) * 128, L.I / 2}};
+            cpu::panel_rows_bf16(mr, in, 2, zhp + r0 * H + u0, H, 16, static_cast<int>(u1 - u0), 16);
+            for (int64_t bb = r0; bb < r0 + mr; ++bb) {
+              const float* zr = zhp + bb * H;
+              float* hr = hfp + bb * H;
+              int64_t j = u0;
+              for (; j + Vec::size() <= u1; j += Vec::size()) {
+                Vec v = Vec::loadu(zr + j);
+                if (bp) v = v + Vec::loadu(bp + j);
+                rnn_forward<VecMath>(v, relu).store(hr + j);
+              }
+              for (; j < u1; ++j) hr[j] = rnn_forward<ScalarMath>(zr[j] + (bp ? bp[j] : 0.f), relu);
+            }
+            emit(r0, r0 + mr, u0, u1);
+          });
+        }
+      });
+#endif
+    } else {
+      float* hp = hpf.mutable_data_ptr<float>();
+      widen_bf16(h_prev, hp, B * H);
+      const float* zh_t = bk.matmul_nt<float>(B, H, H, hp, w_hh_f.const_data_ptr<float>(), zhp);
+      CpuBackend::rnn_pointwise_forward<float>(L, t, z.const_data_ptr<float>() + t * B * H, zh_t, bp, hp, hfp, relu);
+      emit(0, B, 0, H);
+    }
+    if (L.lengths) CpuBackend::mask_output<BF16>(L, t, y.mutable_data_ptr<BF16>() + t * B * H, h_t, H);
+  }
+  at::Tensor hn = new_output({B, H}, opt);
+  hn.copy_((L.lengths ? hs : y)[reverse ? 0 : L.T - 1]);
+  return {y, hn, hs};
+}
+
+// The op bodies: bf16 to the functions above (the backward through float32 copies), the
+// rest to the generic layer.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_forward_cpu(
+    const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& w_hr,
+    const std::optional<at::Tensor>& lengths, bool reverse, bool workspace) {
+  if (x.scalar_type() == at::kBFloat16) return lstm_forward_bf16(x, h0, c0, w_ih, w_hh, bias, w_hr, lengths, reverse, workspace);
+  return lstm_layer_forward<CpuBackend>(x, h0, c0, w_ih, w_hh, bias, w_hr, lengths, reverse, workspace);
+}
+
+std::optional<at::Tensor> as_float(const std::optional<at::Tensor>& t) {
+  if (!t.has_value() || !t->defined()) return t;
+  return as_float(*t);
+}
+
+template <class Tuple, size_t... I>
+Tuple rounded(Tuple g, std::index_sequence<I...>) {
+  ((std::get<I>(g) = std::get<I>(g).to(at::kBFloat16)), ...);
+  return g;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_backward_cpu(
+    const at::Tensor& dy, const at::Tensor& dhn, const at::Tensor& dcn, const at::Tensor& x, const at::Tensor& h0,
+    const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh, const std::optional<at::Tensor>& w_hr,
+    const std::optional<at::Tensor>& lengths, bool reverse, const at::Tensor& gates, const at::Tensor& y,
+    const at::Tensor& hs, const at::Tensor& cs, const at::Tensor& rs, bool has_bias) {
+  if (x.scalar_type() != at::kBFloat16) {
+    return lstm_layer_backward<CpuBackend>(dy, dhn, dcn, x, h0, c0, w_ih, w_hh, w_hr, lengths, reverse, gates, y, hs,
+                                           cs, rs, has_bias);
+  }
+  TORCH_CHECK(gates.scalar_type() == at::kFloat && cs.scalar_type() == at::kFloat,
+              "lstm_layer_backward: a bfloat16 layer's gates and cs are float32 (what lstm_layer_forward returns)");
+  check_arg(y, "lstm_layer_backward", "y", y.sizes(), x);
+  auto g = lstm_layer_backward<CpuBackend>(as_float(dy), as_float(dhn), as_float(dcn), as_float(x), as_float(h0),
+                                           as_float(c0), as_float(w_ih), as_float(w_hh), as_float(w_hr), lengths,
+                                           reverse, gates, as_float(y), as_float(hs), cs, as_float(rs), has_bias);
+  return rounded(std::move(g), std::make_index_sequence<7>());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rnn_forward_cpu(const at::Tensor& x, const at::Tensor& h0,
+                                                               const at::Tensor& w_ih, const at::Tensor& w_hh,
+                                                               const std::optional<at::Tensor>& bias,
+                                                               const std::optional<at::Tensor>& lengths, bool reverse,
+                                                               bool relu) {
+  if (x.scalar_type() == at::kBFloat16) return rnn_forward_bf16(x, h0, w_ih, w_hh, bias, lengths, reverse, relu);
+  return rnn_layer_forward<CpuBackend>(x, h0, w_ih, w_hh, bias, lengths, reverse, relu);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_backward_cpu(
+    const at::Tensor& dy, const at::Tensor& dhn, const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w_ih,
+    const at::Tensor& w_hh, const std::optional<at::Tensor>& lengths, bool reverse, bool relu, const at::Tensor& y,
+    const at::Tensor& hs, bool has_bias) {
+  if (x.scalar_type() != at::kBFloat16) {
+    return rnn_layer_backward<CpuBackend>(dy, dhn, x, h0, w_ih, w_hh, lengths, reverse, relu, y, hs, has_bias);
+  }
+  check_arg(y, "rnn_layer_backward", "y", y.sizes(), x);
+  auto g = rnn_layer_backward<CpuBackend>(as_float(dy), as_float(dhn), as_float(x), as_float(h0), as_float(w_ih),
+                                          as_float(w_hh), lengths, reverse, relu, as_float(y), as_float(hs), has_bias);
+  return rounded(std::move(g), std::make_index_sequence<5>());
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(seqkernels, CPU, m) {
-  m.impl("lstm_layer_forward", &lstm_layer_forward<CpuBackend>);
-  m.impl("lstm_layer_backward", &lstm_layer_backward<CpuBackend>);
-  m.impl("rnn_layer_forward", &rnn_layer_forward<CpuBackend>);
-  m.impl("rnn_layer_backward", &rnn_layer_backward<CpuBackend>);
+  m.impl("lstm_layer_forward", &lstm_forward_cpu);
+  m.impl("lstm_layer_backward", &lstm_backward_cpu);
+  m.impl("rnn_layer_forward", &rnn_forward_cpu);
+  m.impl("rnn_layer_backward", &rnn_backward_cpu);
 }
 
 }  // namespace seqkernels::rnn

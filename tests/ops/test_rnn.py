@@ -269,7 +269,7 @@ def _lstm_call(**over):
     (dict(input=torch.randn(3, 2, 6)), ValueError, "input has 6 features"),
     (dict(input=torch.randn(3, 2, 4, dtype=torch.float64)), TypeError, "must have the input's dtype"),
     (dict(input=torch.randint(0, 2, (3, 2, 4))), TypeError, "floating-point"),
-    (dict(input=torch.randn(3, 2, 4).half()), TypeError, "on the CPU the input must be float32 or float64"),
+    (dict(input=torch.randn(3, 2, 4).half()), TypeError, "on the CPU the input must be float32, float64 or bfloat16"),
     (dict(input=torch.randn(0, 2, 4)), ValueError, "sequence length to be larger than 0"),
     (dict(num_layers=3), ValueError, "expected 3 weight tuples"),
     (dict(hx=(torch.randn(2, 2, 5), torch.randn(1, 2, 5))), ValueError, "c_0 must have shape"),

@@ -9,8 +9,8 @@ instance of those two classes (torch._dynamo.config.allow_rnn), whatever its for
 ``isinstance(m, torch.nn.LSTM)`` is False for them. A ``PackedSequence`` input runs on the padded kernels with per-sequence lengths
 (no packed path) and comes back as a ``PackedSequence`` with the input's ordering.
 
-Inputs whose dtype the kernels do not take on their device (float16/bfloat16 on the CPU)
-run torch's own implementation, so a converted model keeps working everywhere.
+Inputs whose dtype the kernels do not take on their device (float16 on the CPU) run torch's
+own implementation, so a converted model keeps working everywhere.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def _weight_tuples(module: torch.nn.RNNBase, lstm: bool) -> list[tuple]:
 
 
 def _kernel_takes(x: Tensor) -> bool:
-    return x.device.type == "cuda" or x.dtype in (torch.float32, torch.float64)
+    return x.device.type == "cuda" or x.dtype in (torch.float32, torch.float64, torch.bfloat16)
 
 
 def _unpack(input):

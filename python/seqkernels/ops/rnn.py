@@ -32,16 +32,23 @@ def _like(t: Tensor) -> Tensor:
 
 # --- fake kernels --------------------------------------------------------------------------
 
+def _workspace_dtype(x: Tensor) -> torch.dtype:
+    """The dtype of the LSTM's saved gates, cs and rs: float32 for a bf16 layer on the CPU
+    (its gates and cell state are fp32), else the input's."""
+    return torch.float32 if x.device.type == "cpu" and x.dtype == torch.bfloat16 else x.dtype
+
+
 @torch.library.register_fake("seqkernels::lstm_layer_forward")
 def _lstm_fwd_fake(x, h0, c0, w_ih, w_hh, bias, w_hr, lengths, reverse, workspace=True):
     T, B, _ = x.shape
     H, P = w_hh.shape[0] // 4, w_hh.shape[1]
     y = x.new_empty(T, B, P)
     hs = x.new_empty(T, B, P) if lengths is not None else _empty(x)
+    ws = x.new_empty(0, dtype=_workspace_dtype(x))
     if not workspace:
-        return y, x.new_empty(B, P), x.new_empty(B, H), _empty(x), hs, _empty(x), _empty(x)
-    rs = x.new_empty(T, B, H) if w_hr is not None else _empty(x)
-    return y, x.new_empty(B, P), x.new_empty(B, H), x.new_empty(T, B, 4 * H), hs, x.new_empty(T, B, H), rs
+        return y, x.new_empty(B, P), x.new_empty(B, H), ws, hs, ws.new_empty(0), ws.new_empty(0)
+    rs = ws.new_empty(T, B, H) if w_hr is not None else ws.new_empty(0)
+    return y, x.new_empty(B, P), x.new_empty(B, H), ws.new_empty(T, B, 4 * H), hs, ws.new_empty(T, B, H), rs
 
 
 @torch.library.register_fake("seqkernels::lstm_layer_backward")
@@ -138,8 +145,8 @@ def _check_input(x: Tensor, fn: str) -> None:
         raise ArgumentTypeError(f"{fn}: input must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in _DTYPES:
         raise ArgumentTypeError(f"{fn}: input must be a floating-point tensor (float16/bfloat16/float32/float64), got {x.dtype}")
-    if x.device.type == "cpu" and x.dtype not in (torch.float32, torch.float64):
-        raise ArgumentTypeError(f"{fn}: on the CPU the input must be float32 or float64, got {x.dtype}")
+    if x.device.type == "cpu" and x.dtype == torch.float16:
+        raise ArgumentTypeError(f"{fn}: on the CPU the input must be float32, float64 or bfloat16, got {x.dtype}")
 
 
 def _check_lengths(lengths: Optional[Tensor], T: int, B: int, device, fn: str) -> Optional[Tensor]:
