@@ -267,16 +267,16 @@ void forward_kernel(const Dims& d, const Layout& lay, const attention::Masking<s
   std::vector<int64_t> first(d.B + 1, 0);
   for (int64_t b = 0; b < d.B; ++b) first[b + 1] = first[b] + d.H * ((mk.lq(b) + kFwdQ - 1) / kFwdQ);
   const int64_t qrs = lay.q.rs, krs = lay.k.rs, vrs = lay.v.rs, ors = lay.o.rs;
-  // float32 tiles: on AVX-512 the packed-panel micro-kernel (K and V tiles packed, S and O
-  // written in place; L=2048 H=8 against torch's SDPA in turns: 0.95x-1.00x through oneDNN,
-  // 1.11x-1.37x through the micro-kernel, 2026-12-02). In the avx2 build they go
-  // to oneDNN's matmul when torch registers it (about twice MKL's sgemm on AVX-512 machines
-  // where MKL runs AVX2 code: 212 vs 111 GFLOP/s single-threaded on the 256 x 384 x 64 score
-  // tile here). oneDNN computes X W^T into a fresh tensor, so the softmax
-  // scale is folded into a scaled copy of the Q block, and the PV product takes the V tile
-  // transposed (a Dv x cols copy) and is added into O. A packed batch's K rows are strided:
-  // each tile is copied to contiguous rows first (once per 256 query rows).
-#if defined(__AVX512F__)
+  // float32 tiles: the packed-panel micro-kernel (K and V tiles packed, S and O written in
+  // place; L=2048 H=8 against torch's SDPA in turns: 0.95x-1.00x through oneDNN, 1.11x-1.37x
+  // through the AVX-512 kernel, 2026-12-02; in the avx2 build, L=2048 D=64, 1.03x-1.04x
+  // through its AVX2 form against 0.89x-1.00x through oneDNN, alternating processes). Without
+  // either (no AVX2 + FMA) they go to oneDNN's matmul when torch registers it, which computes
+  // X W^T into a fresh tensor, so the softmax scale is folded into a scaled copy of the Q
+  // block, and the PV product takes the V tile transposed (a Dv x cols copy) and is added into
+  // O. A packed batch's K rows are strided: each tile is copied to contiguous rows first
+  // (once per 256 query rows).
+#if defined(SEQKERNELS_CPU_PANELS)
   constexpr bool kPanelF32 = std::is_same_v<in_t, float>;  // float32 on the packed-panel micro-kernel
 #else
   constexpr bool kPanelF32 = false;
@@ -287,9 +287,9 @@ void forward_kernel(const Dims& d, const Layout& lay, const attention::Masking<s
     std::vector<scalar_t> q_scaled(use_onednn ? kFwdQ * d.D : 0), v_t(use_onednn ? kFwdK * d.Dv : 0);
     std::vector<scalar_t> k_pack(use_onednn && krs != d.D ? kFwdK * d.D : 0);
     // bf16: the fp32 output rows, the K tile and V tile as bf16 panels (64-byte aligned), P in
-    // bf16; float32 on AVX-512: the K and V tiles as float panels
+    // bf16; float32 on the panel micro-kernel: the K and V tiles as float panels
     std::vector<scalar_t> o_acc(kBf16 ? kFwdQ * d.Dv : 0);
-#if defined(__AVX512F__)
+#if defined(SEQKERNELS_CPU_PANELS)
     at::Tensor f32_buf;
     float *k_f32 = nullptr, *v_f32 = nullptr;
     if constexpr (kPanelF32) {
@@ -364,7 +364,7 @@ void forward_kernel(const Dims& d, const Layout& lay, const attention::Masking<s
           panel_gemm_bf16(rows, cols, d.D / 2, Q, qrs, k_panels, S, cols, scale, false);
 #endif
         } else if constexpr (kPanelF32) {
-#if defined(__AVX512F__)
+#if defined(SEQKERNELS_CPU_PANELS)
           pack_nk_into(k_f32, K + j0 * krs, krs, cols, d.D);
           panel_gemm<false>(rows, cols, d.D, Q, qrs, k_f32, S, cols, scale, false);
 #endif
@@ -415,7 +415,7 @@ void forward_kernel(const Dims& d, const Layout& lay, const attention::Masking<s
           panel_gemm_bf16(rows, d.Dv, cp / 2, p_bf16, cp, v_panels, O, o_rs, 1.f, true);
 #endif
         } else if constexpr (kPanelF32) {
-#if defined(__AVX512F__)
+#if defined(SEQKERNELS_CPU_PANELS)
           pack_kn_into(v_f32, V + j0 * vrs, vrs, cols, d.Dv);
           panel_gemm<false>(rows, d.Dv, cols, S, cols, v_f32, O, o_rs, 1.f, true);
 #endif
@@ -516,6 +516,9 @@ std::tuple<at::Tensor, at::Tensor> flash_attention_forward_cpu(
 // reused by every query tile of every head of the group) and the tile's Q and dO when it
 // starts; P and dS are read in place, transposed where a product needs P^T or dS^T. MKL's
 // sgemm, which these products called before, runs its AVX2 code on the AMD machines here.
+// The avx2 build keeps MKL here: its AVX2 form of the micro-kernel, which the forward takes,
+// measured slower than MKL in the backward (L=2048 D=64 H=8 forward+backward against SDPA:
+// 0.88x-0.89x against 1.01x-1.03x).
 // bf16 (in_t = BFloat16, AVX512-BF16 builds): the same packs in bf16 pairs and the vdpbf16ps
 // micro-kernel; P and dS (fp32 here) are rounded to bf16 for their products, as pair words
 // for P^T and dS^T. float64, and builds without AVX-512: BLAS on the tiles as they are.
