@@ -29,6 +29,15 @@ inline at::Tensor new_output_like(const at::Tensor& like) {
   return new_output(like.sizes(), like.options());
 }
 
+// A half-precision call's floating arguments in float32, for a float32 kernel (other tensors,
+// masks and indices, as they are; strides kept where .to keeps them).
+inline at::Tensor to_float(const at::Tensor& t) {
+  return t.defined() && at::isFloatingType(t.scalar_type()) ? t.to(at::kFloat) : t;
+}
+inline std::optional<at::Tensor> to_float(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? std::optional<at::Tensor>(to_float(*t)) : std::nullopt;
+}
+
 // Argument checks of direct op calls (the Python API checks first, with friendlier
 // messages): t must be defined, have exactly these sizes, and share like's dtype and
 // device. The message names the op and the argument.

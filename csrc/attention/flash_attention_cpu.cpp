@@ -161,14 +161,6 @@ attention::Masking<scalar_t> make_masking(const Dims& d, bool causal, bool botto
 // bf16 / fp16 inputs: fp32 accumulation, fp32 softmax statistics (LSE) and additive masks.
 bool is_half(const at::Tensor& t) { return t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf; }
 
-// A half-precision call's floating arguments in float32, for the float32 kernel.
-at::Tensor to_float(const at::Tensor& t) {
-  return t.defined() && at::isFloatingType(t.scalar_type()) ? t.to(at::kFloat) : t;
-}
-std::optional<at::Tensor> to_float(const std::optional<at::Tensor>& t) {
-  return t.has_value() ? std::optional<at::Tensor>(to_float(*t)) : std::nullopt;
-}
-
 MaskInputs check_mask_inputs(const Dims& d, const at::Tensor& q,
                              const std::optional<at::Tensor>& attn_mask,
                              const std::optional<at::Tensor>& key_lengths,

@@ -558,7 +558,16 @@ inline bool native_bf16(const Layer& L) {
 #endif
 }
 
-inline at::Tensor as_float(const at::Tensor& t) { return t.defined() ? t.to(at::kFloat).contiguous() : t; }
+// h_t's rows [r0, r1), units [u0, u1): the fp32 values src (row stride lds) rounded to bf16, or,
+// for a row past its sequence's length, the state h_prev passed through; h_prev and h_t have
+// row stride ld.
+inline void store_state(const Layer& L, int64_t t, int64_t r0, int64_t r1, int64_t u0, int64_t u1, const float* src,
+                        int64_t lds, const BF16* h_prev, BF16* h_t, int64_t ld) {
+  for (int64_t b = r0; b < r1; ++b) {
+    if (masked(L, t, b)) std::copy(h_prev + b * ld + u0, h_prev + b * ld + u1, h_t + b * ld + u0);
+    else round_bf16(src + b * lds + u0, h_t + b * ld + u0, u1 - u0);
+  }
+}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_forward_bf16(
     const at::Tensor& x_, const at::Tensor& h0_, const at::Tensor& c0_, const at::Tensor& w_ih_,
@@ -571,29 +580,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   check_lstm_args(x, c0_, proj ? *w_hr : at::Tensor(), proj, bias, L, "lstm_layer_forward");
   const int64_t GH = 4 * L.H, B = L.B, H = L.H, P = L.P;
   const auto opt = x.options(), fopt = opt.dtype(at::kFloat);
-  const at::Tensor c0 = as_float(c0_), b = bias.has_value() && bias->defined() ? as_float(*bias) : at::Tensor();
-  const at::Tensor whr = proj ? as_float(*w_hr) : at::Tensor();
+  const at::Tensor c0 = to_float(c0_).contiguous(), whr = proj ? to_float(*w_hr).contiguous() : at::Tensor();
+  const at::Tensor b = bias.has_value() && bias->defined() ? to_float(*bias).contiguous() : at::Tensor();
   const float* bp = b.defined() ? b.const_data_ptr<float>() : nullptr;
   at::Tensor y = new_output({L.T, B, P}, opt);
   at::Tensor hs = L.lengths ? at::empty({L.T, B, P}, opt) : at::empty({0}, opt);
-  at::Tensor gates = workspace ? at::empty({L.T, B, GH}, fopt) : at::empty({0}, fopt);
   at::Tensor cs = at::empty({workspace ? L.T : 2, B, H}, fopt);
   at::Tensor rs = proj ? at::empty({workspace ? L.T : 1, B, H}, fopt) : at::empty({0}, fopt);
-  at::Tensor zh = at::empty({B, GH}, fopt), hf = at::empty({B, H}, fopt), hpf = at::empty({B, P}, fopt);
+  at::Tensor zh = at::empty({B, GH}, fopt), hf = at::empty({B, H}, fopt);
   at::Tensor hpf2 = proj ? at::empty({B, P}, fopt) : at::Tensor();
   BF16* states = (L.lengths ? hs : y).mutable_data_ptr<BF16>();
   float* zhp = zh.mutable_data_ptr<float>();
   CpuBackend bk;
   const bool native = native_bf16(L);
-  // the float32 path's weights and input term (a chunk of steps at a time, as the float32
-  // inference path forms it; all T steps into `gates` with a workspace)
-  at::Tensor w_ih_f, w_hh_f, z_chunk;
+  // the float32 path's weights, widened h_prev and input term (a chunk of steps at a time, as
+  // the float32 inference path forms it; all T steps into `gates` with a workspace)
+  at::Tensor w_ih_f, w_hh_f, hpf, z_chunk;
   int64_t z_lo = 0, z_hi = 0;
   if (!native) {
-    w_ih_f = as_float(w_ih);
-    w_hh_f = as_float(w_hh);
-    if (workspace) gates = bk.input_projection(as_float(x).view({L.T * B, L.I}), w_ih_f).view({L.T, B, GH});
+    w_ih_f = to_float(w_ih);
+    w_hh_f = to_float(w_hh);
+    hpf = at::empty({B, P}, fopt);
   }
+  const at::Tensor gates = !workspace ? at::empty({0}, fopt)
+                           : native   ? at::empty({L.T, B, GH}, fopt)
+                                      : bk.input_projection(to_float(x).view({L.T * B, L.I}), w_ih_f).view({L.T, B, GH});
   const int64_t chunk = std::max<int64_t>(1, kChunkBytes / std::max<int64_t>(1, B * GH * 4));
   auto z_at = [&](int64_t t) -> float* {
     if (workspace) return gates.mutable_data_ptr<float>() + t * B * GH;
@@ -601,7 +612,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     if (t < z_lo || t >= z_hi) {
       z_lo = reverse ? std::max<int64_t>(0, t - chunk + 1) : t;
       z_hi = reverse ? t + 1 : std::min(L.T, t + chunk);
-      z_chunk = bk.input_projection(as_float(x.narrow(0, z_lo, z_hi - z_lo)).view({(z_hi - z_lo) * B, L.I}), w_ih_f);
+      z_chunk = bk.input_projection(to_float(x.narrow(0, z_lo, z_hi - z_lo)).view({(z_hi - z_lo) * B, L.I}), w_ih_f);
     }
     return z_chunk.mutable_data_ptr<float>() + (t - z_lo) * B * GH;
   };
@@ -621,14 +632,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     float* r_t = proj ? rs.mutable_data_ptr<float>() + (workspace ? t : 0) * B * H : hfp;  // o * tanh(c), fp32
     BF16* h_t = states + t * B * P;
     float* z = z_at(t);
-    // h_t for batch rows [r0, r1) and hidden units [u0, u1): the pointwise result rounded,
-    // or the state passed through past a sequence's length
-    auto emit = [&](int64_t r0, int64_t r1, int64_t u0, int64_t u1) {
-      for (int64_t bb = r0; bb < r1; ++bb) {
-        if (masked(L, t, bb)) std::copy(h_prev + bb * P + u0, h_prev + bb * P + u1, h_t + bb * P + u0);
-        else round_bf16(r_t + bb * H + u0, h_t + bb * P + u0, u1 - u0);
-      }
-    };
     if (native) {
 #if defined(__AVX512BF16__)
       const BF16* x_t = x.const_data_ptr<BF16>() + t * B * L.I;
@@ -642,7 +645,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
             for (int64_t bb = r0; bb < r0 + mr; ++bb) {
               CpuBackend::lstm_units_forward<float>(L, t, bb, u0, u1, z, zhp, bp, c_prev, nullptr, c_t, r_t, false);
             }
-            if (!proj) emit(r0, r0 + mr, u0, u1);
+            if (!proj) store_state(L, t, r0, r0 + mr, u0, u1, r_t, H, h_prev, h_t, P);
           });
         }
       });
@@ -655,16 +658,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         for (int64_t bb = r0; bb < r1; ++bb) {
           CpuBackend::lstm_units_forward<float>(L, t, bb, 0, H, z, zh_t, bp, c_prev, nullptr, c_t, r_t, true);
         }
-        if (!proj) emit(r0, r1, 0, H);
+        if (!proj) store_state(L, t, r0, r1, 0, H, r_t, H, h_prev, h_t, P);
       });
     }
     if (proj) {  // h_t = r_t W_hr^T in fp32, rounded
       float* hp2 = hpf2.mutable_data_ptr<float>();
       bk.gemm<float>(Tr::N, Tr::T, B, P, H, 1.f, r_t, H, whr.const_data_ptr<float>(), H, 0.f, hp2, P);
-      for (int64_t bb = 0; bb < B; ++bb) {
-        if (masked(L, t, bb)) std::copy(h_prev + bb * P, h_prev + (bb + 1) * P, h_t + bb * P);
-        else round_bf16(hp2 + bb * P, h_t + bb * P, P);
-      }
+      store_state(L, t, 0, B, 0, P, hp2, P, h_prev, h_t, P);
     }
     if (L.lengths) CpuBackend::mask_output<BF16>(L, t, y.mutable_data_ptr<BF16>() + t * B * P, h_t, P);
   }
@@ -688,20 +688,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rnn_forward_bf16(const at::Tensor
   if (bias.has_value() && bias->defined()) check_arg(*bias, "rnn_layer_forward", "bias", {L.H}, x);
   const int64_t B = L.B, H = L.H;
   const auto opt = x.options(), fopt = opt.dtype(at::kFloat);
-  const at::Tensor b = bias.has_value() && bias->defined() ? as_float(*bias) : at::Tensor();
+  const at::Tensor b = bias.has_value() && bias->defined() ? to_float(*bias).contiguous() : at::Tensor();
   const float* bp = b.defined() ? b.const_data_ptr<float>() : nullptr;
   at::Tensor y = new_output({L.T, B, H}, opt);
   at::Tensor hs = L.lengths ? at::empty({L.T, B, H}, opt) : at::empty({0}, opt);
-  at::Tensor zh = at::empty({B, H}, fopt), hf = at::empty({B, H}, fopt), hpf = at::empty({B, H}, fopt);
+  at::Tensor zh = at::empty({B, H}, fopt), hf = at::empty({B, H}, fopt);
   BF16* states = (L.lengths ? hs : y).mutable_data_ptr<BF16>();
   float* zhp = zh.mutable_data_ptr<float>();
   float* hfp = hf.mutable_data_ptr<float>();
   CpuBackend bk;
   const bool native = native_bf16(L);
-  at::Tensor w_hh_f, z;
+  at::Tensor w_hh_f, hpf, z;  // the float32 path's W_hh, widened h_prev and input term
   if (!native) {
-    w_hh_f = as_float(w_hh);
-    z = bk.input_projection(as_float(x).view({L.T * B, L.I}), as_float(w_ih)).view({L.T, B, H});
+    w_hh_f = to_float(w_hh);
+    hpf = at::empty({B, H}, fopt);
+    z = bk.input_projection(to_float(x).view({L.T * B, L.I}), to_float(w_ih)).view({L.T, B, H});
   }
 #if defined(__AVX512BF16__)
   at::Tensor pw, pi;
@@ -714,12 +715,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rnn_forward_bf16(const at::Tensor
     const int64_t t = L.step_time(s);
     const BF16* h_prev = L.first(t) ? h0.const_data_ptr<BF16>() : states + L.prev_time(t) * B * H;
     BF16* h_t = states + t * B * H;
-    auto emit = [&](int64_t r0, int64_t r1, int64_t u0, int64_t u1) {
-      for (int64_t bb = r0; bb < r1; ++bb) {
-        if (masked(L, t, bb)) std::copy(h_prev + bb * H + u0, h_prev + bb * H + u1, h_t + bb * H + u0);
-        else round_bf16(hfp + bb * H + u0, h_t + bb * H + u0, u1 - u0);
-      }
-    };
     if (native) {
 #if defined(__AVX512BF16__)
       using Vec = at::vec::Vectorized<float>;
@@ -742,7 +737,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rnn_forward_bf16(const at::Tensor
               }
               for (; j < u1; ++j) hr[j] = rnn_forward<ScalarMath>(zr[j] + (bp ? bp[j] : 0.f), relu);
             }
-            emit(r0, r0 + mr, u0, u1);
+            store_state(L, t, r0, r0 + mr, u0, u1, hfp, H, h_prev, h_t, H);
           });
         }
       });
@@ -752,7 +747,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rnn_forward_bf16(const at::Tensor
       widen_bf16(h_prev, hp, B * H);
       const float* zh_t = bk.matmul_nt<float>(B, H, H, hp, w_hh_f.const_data_ptr<float>(), zhp);
       CpuBackend::rnn_pointwise_forward<float>(L, t, z.const_data_ptr<float>() + t * B * H, zh_t, bp, hp, hfp, relu);
-      emit(0, B, 0, H);
+      store_state(L, t, 0, B, 0, H, hfp, H, h_prev, h_t, H);
     }
     if (L.lengths) CpuBackend::mask_output<BF16>(L, t, y.mutable_data_ptr<BF16>() + t * B * H, h_t, H);
   }
@@ -769,11 +764,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const std::optional<at::Tensor>& lengths, bool reverse, bool workspace) {
   if (x.scalar_type() == at::kBFloat16) return lstm_forward_bf16(x, h0, c0, w_ih, w_hh, bias, w_hr, lengths, reverse, workspace);
   return lstm_layer_forward<CpuBackend>(x, h0, c0, w_ih, w_hh, bias, w_hr, lengths, reverse, workspace);
-}
-
-std::optional<at::Tensor> as_float(const std::optional<at::Tensor>& t) {
-  if (!t.has_value() || !t->defined()) return t;
-  return as_float(*t);
 }
 
 template <class Tuple, size_t... I>
@@ -794,9 +784,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   TORCH_CHECK(gates.scalar_type() == at::kFloat && cs.scalar_type() == at::kFloat,
               "lstm_layer_backward: a bfloat16 layer's gates and cs are float32 (what lstm_layer_forward returns)");
   check_arg(y, "lstm_layer_backward", "y", y.sizes(), x);
-  auto g = lstm_layer_backward<CpuBackend>(as_float(dy), as_float(dhn), as_float(dcn), as_float(x), as_float(h0),
-                                           as_float(c0), as_float(w_ih), as_float(w_hh), as_float(w_hr), lengths,
-                                           reverse, gates, as_float(y), as_float(hs), cs, as_float(rs), has_bias);
+  auto g = lstm_layer_backward<CpuBackend>(to_float(dy), to_float(dhn), to_float(dcn), to_float(x), to_float(h0),
+                                           to_float(c0), to_float(w_ih), to_float(w_hh), to_float(w_hr), lengths,
+                                           reverse, gates, to_float(y), to_float(hs), cs, to_float(rs), has_bias);
   return rounded(std::move(g), std::make_index_sequence<7>());
 }
 
@@ -817,8 +807,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_backw
     return rnn_layer_backward<CpuBackend>(dy, dhn, x, h0, w_ih, w_hh, lengths, reverse, relu, y, hs, has_bias);
   }
   check_arg(y, "rnn_layer_backward", "y", y.sizes(), x);
-  auto g = rnn_layer_backward<CpuBackend>(as_float(dy), as_float(dhn), as_float(x), as_float(h0), as_float(w_ih),
-                                          as_float(w_hh), lengths, reverse, relu, as_float(y), as_float(hs), has_bias);
+  auto g = rnn_layer_backward<CpuBackend>(to_float(dy), to_float(dhn), to_float(x), to_float(h0), to_float(w_ih),
+                                          to_float(w_hh), lengths, reverse, relu, to_float(y), to_float(hs), has_bias);
   return rounded(std::move(g), std::make_index_sequence<5>());
 }
 
