@@ -210,3 +210,17 @@ def test_lstm_cell_bf16_matches_one_emulated_step():
     ey, eh, ec = emulated_lstm(a["x"], a["h0"], a["c0"], a["w_ih"], a["w_hh"], a["bias"])
     testing.assert_close(h, eh.float(), BF16)
     testing.assert_close(c, ec.float(), BF16)
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "RNN"])
+def test_nan_and_empty_batch_as_torchs_bf16_module(kind):
+    """Edge cases against torch's own bf16 module: NaN reaches the same outputs, an empty
+    batch gives the same shapes and dtypes."""
+    m64, tb, ob = _modules(kind, 8, 16)
+    x = torch.randn(5, 4, 8, dtype=BF16)
+    x[2, 1, 3] = float("nan")
+    for a, b in zip(_run(ob, x, None), _run(tb, x, None)):
+        assert torch.equal(torch.isnan(a), torch.isnan(b))
+    empty = torch.randn(5, 0, 8, dtype=BF16)
+    for a, b in zip(_run(ob, empty, None), _run(tb, empty, None)):
+        assert a.shape == b.shape and a.dtype == b.dtype == BF16
