@@ -4,13 +4,19 @@
 // There the work is reading K and V, not multiplying: each key row feeds only R = G * Lq
 // dot products (the G query heads that share a K/V head, times the Lq query rows), so
 //   - the R rows are one tile and every K/V row is read once per group, not once per head;
-//   - the products are vectorized dot products and row updates on the row as it streams
-//     past (no BLAS call, whose fixed cost dwarfs a one-row tile);
+//   - the products run on register tiles, no BLAS call (whose fixed cost dwarfs a one-row
+//     tile): up to 8 query rows x 2-8 keys of dot products, each chunk of a key row loaded
+//     (and widened) once for every row of the tile, and an output band of up to 8 rows x
+//     128 columns that stays in registers for a whole key block of the PV product;
 //   - keys are split into chunks across threads when batch x kv heads alone cannot keep
 //     every thread busy (split-K, "flash-decoding"): each chunk writes a partial output,
 //     row max and sum, merged in chunk order, so the result does not depend on scheduling;
-//   - K/V may be stored in bf16 or fp16 and are widened in registers (fp32 accumulation):
-//     half the bytes of the bandwidth-bound loop;
+//   - K/V may be stored in bf16 or fp16 (half the bytes of the bandwidth-bound loop), widened
+//     in registers with fp32 accumulation; on AVX512-BF16, bf16 queries and K/V multiply as
+//     bf16 pairs (vdpbf16ps, fp32 accumulation) and P is rounded to bf16 for the PV product,
+//     as the general bf16 kernel and the GPU flash kernels do;
+//   - the value rows of a block are prefetched into L2 while its scores are computed, and the
+//     next block's key rows while its values are read, so memory is busy in both halves;
 //   - K/V rows are found through a KVRows view: a contiguous (B, Hk, L, D) tensor or a
 //     paged pool (num_blocks, Hk, block_size, D) with a block table (vLLM's layout).
 // Visibility and masks are those of masking.h (causal, key lengths, boolean or additive

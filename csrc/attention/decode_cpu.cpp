@@ -42,8 +42,8 @@ inline at::vec::Vectorized<A> load_as(const T* p) {
 }
 
 // Scores of one query row against keys k[0..nk) (nk <= 4, rows of D): s[jj] = q . k[jj].
-// Generic version (at::vec); the AVX-512 one below keeps four independent accumulators and
-// reduces them together.
+// Generic version (at::vec: the avx2 build and float64); the AVX-512 tiles below keep a tile
+// of query rows x keys in registers.
 template <typename A, typename T>
 inline void dot_keys(const A* q, const T* const* k, int64_t nk, int64_t D, A* s) {
   using V = at::vec::Vectorized<A>;
@@ -76,6 +76,41 @@ inline void axpy_keys(A* o, const A* p, const T* const* v, int64_t nk, int64_t D
   }
 }
 
+constexpr int64_t kPrefetchRows = 16;
+
+inline void prefetch_row(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + off, 0, 3);
+}
+// The same into L2 only (a row read a little later).
+inline void prefetch_row_l2(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + off, 0, 2);
+}
+
+// Rows to prefetch into L2 one per key while a loop streams other rows: the next block's key
+// rows while the value rows of this one are read, so that memory stays busy in both halves
+// of a block.
+template <typename T>
+struct RowPrefetch {
+  const T* const* rows = nullptr;
+  int64_t count = 0, bytes = 0;
+};
+
+// While a block's scores are computed: the key rows kPrefetchRows ahead (kp holds n_ahead >= n
+// valid rows: the block's, then the next block's first ones) into L1, and the block's value
+// rows into L2, called once per step of keys j .. j + step.
+template <typename T>
+struct BlockPrefetch {
+  const T* const* kp;
+  const T* const* vp;
+  int64_t n, n_ahead, k_bytes, v_bytes;
+  void operator()(int64_t j, int64_t step) const {
+    for (int64_t t = j + kPrefetchRows; t < std::min(j + step + kPrefetchRows, n_ahead); ++t) prefetch_row(kp[t], k_bytes);
+    for (int64_t t = j; t < std::min(j + step, n); ++t) prefetch_row_l2(vp[t], v_bytes);
+  }
+};
+
 #if defined(CPU_CAPABILITY_AVX512)
 // 16 lanes of T as floats; lanes past `count` read as 0 (masked loads never touch them).
 inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
@@ -84,8 +119,23 @@ inline __m512 load16(const c10::BFloat16* p, __mmask16 m) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 inline __m512 load16(const c10::Half* p, __mmask16 m) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p)); }
+// The same with every lane present (plain loads).
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const c10::BFloat16* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+inline __m512 load16(const c10::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+template <bool Full, typename T>
+inline __m512 load16(const T* p, __mmask16 m) {
+  if constexpr (Full) return load16(p);
+  else return load16(p, m);
+}
 
 inline __mmask16 lanes(int64_t count) {
+  if (count <= 0) return 0;
   return count >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << count) - 1u);
 }
 
@@ -101,73 +151,323 @@ inline __m128 reduce4(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
   return _mm512_castps512_ps128(_mm512_permutexvar_ps(idx, u));
 }
 
-template <typename T>
-inline void dot_keys_avx512(const float* q, const T* const* k, int64_t nk, int64_t D, float* s) {
-  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-  const T* k0 = k[0];
-  const T* k1 = k[nk > 1 ? 1 : 0];
-  const T* k2 = k[nk > 2 ? 2 : 0];
-  const T* k3 = k[nk > 3 ? 3 : 0];
+// Scores of RT query rows against KB keys, S[r * ss + t] = Q[r] . k[t]: each chunk of a key
+// row is loaded (and widened) once and meets every row of the tile; RT x KB accumulators in
+// registers, reduced four at a time.
+template <int RT, int KB, bool Full, typename T>
+inline void score_tile(const float* Q, int64_t D, const T* const* k, float* S, int64_t ss) {
+  static_assert((RT * KB) % 4 == 0 && RT * KB <= 16, "tile of 4..16 accumulators");
+  __m512 acc[RT][KB];
+  for (int r = 0; r < RT; ++r)
+    for (int t = 0; t < KB; ++t) acc[r][t] = _mm512_setzero_ps();
   for (int64_t c = 0; c < D; c += 16) {
     const __mmask16 m = lanes(D - c);
-    const __m512 qv = _mm512_maskz_loadu_ps(m, q + c);
-    a0 = _mm512_fmadd_ps(qv, load16(k0 + c, m), a0);
-    a1 = _mm512_fmadd_ps(qv, load16(k1 + c, m), a1);
-    a2 = _mm512_fmadd_ps(qv, load16(k2 + c, m), a2);
-    a3 = _mm512_fmadd_ps(qv, load16(k3 + c, m), a3);
+    __m512 kc[KB];
+    for (int t = 0; t < KB; ++t) kc[t] = load16<Full>(k[t] + c, m);
+    for (int r = 0; r < RT; ++r) {
+      const __m512 qv = load16<Full>(Q + r * D + c, m);
+      for (int t = 0; t < KB; ++t) acc[r][t] = _mm512_fmadd_ps(qv, kc[t], acc[r][t]);
+    }
   }
-  alignas(16) float out[4];
-  _mm_store_ps(out, reduce4(a0, a1, a2, a3));
-  for (int64_t jj = 0; jj < nk; ++jj) s[jj] = out[jj];
+  for (int f = 0; f < RT * KB; f += 4) {
+    const int r = f / KB, t = f % KB;
+    const __m128 s4 = reduce4(acc[r][t], acc[(f + 1) / KB][(f + 1) % KB], acc[(f + 2) / KB][(f + 2) % KB],
+                              acc[(f + 3) / KB][(f + 3) % KB]);
+    if constexpr (KB >= 4) {
+      _mm_storeu_ps(S + r * ss + t, s4);
+    } else {  // KB == 2: two keys of rows r and r + 1
+      _mm_storel_pi(reinterpret_cast<__m64*>(S + r * ss), s4);
+      _mm_storeh_pi(reinterpret_cast<__m64*>(S + (r + 1) * ss), s4);
+    }
+  }
 }
 
-template <typename T>
-inline void axpy_keys_avx512(float* o, const float* p, const T* const* v, int64_t nk, int64_t Dv) {
-  const __m512 p0 = _mm512_set1_ps(p[0]), p1 = _mm512_set1_ps(nk > 1 ? p[1] : 0.f),
-               p2 = _mm512_set1_ps(nk > 2 ? p[2] : 0.f), p3 = _mm512_set1_ps(nk > 3 ? p[3] : 0.f);
-  const T* v0 = v[0];
-  const T* v1 = v[nk > 1 ? 1 : 0];
-  const T* v2 = v[nk > 2 ? 2 : 0];
-  const T* v3 = v[nk > 3 ? 3 : 0];
-  for (int64_t c = 0; c < Dv; c += 16) {
-    const __mmask16 m = lanes(Dv - c);
-    __m512 acc = _mm512_maskz_loadu_ps(m, o + c);
-    acc = _mm512_fmadd_ps(p0, load16(v0 + c, m), acc);
-    if (nk > 1) acc = _mm512_fmadd_ps(p1, load16(v1 + c, m), acc);
-    if (nk > 2) acc = _mm512_fmadd_ps(p2, load16(v2 + c, m), acc);
-    if (nk > 3) acc = _mm512_fmadd_ps(p3, load16(v3 + c, m), acc);
-    _mm512_mask_storeu_ps(o + c, m, acc);
+// O[r][c0, c0 + 16 CB) += sum_j S[r * ss + j] v[j][c0, ...) over the n keys of a block, for RT
+// rows: the output band stays in registers for the whole block, each chunk of a value row is
+// loaded (and widened) once for every row of the tile.
+template <int RT, int CB, bool Full, typename T>
+inline void value_tile(float* O, int64_t Dv, int64_t c0, const float* S, int64_t ss, const T* const* v, int64_t n,
+                       const RowPrefetch<T>& pf) {
+  __m512 acc[RT][CB];
+  __mmask16 m[CB];
+  for (int cb = 0; cb < CB; ++cb) m[cb] = lanes(Dv - c0 - 16 * cb);
+  for (int r = 0; r < RT; ++r)
+    for (int cb = 0; cb < CB; ++cb) acc[r][cb] = load16<Full>(O + r * Dv + c0 + 16 * cb, m[cb]);
+  for (int64_t j = 0; j < n; ++j) {
+    __m512 p[RT];
+    for (int r = 0; r < RT; ++r) p[r] = _mm512_set1_ps(S[r * ss + j]);
+    if (j < pf.count) prefetch_row_l2(pf.rows[j], pf.bytes);
+    const T* vj = v[j] + c0;
+    for (int cb = 0; cb < CB; ++cb) {
+      const __m512 vc = load16<Full>(vj + 16 * cb, m[cb]);
+      for (int r = 0; r < RT; ++r) acc[r][cb] = _mm512_fmadd_ps(p[r], vc, acc[r][cb]);
+    }
+  }
+  for (int r = 0; r < RT; ++r)
+    for (int cb = 0; cb < CB; ++cb) {
+      if constexpr (Full) _mm512_storeu_ps(O + r * Dv + c0 + 16 * cb, acc[r][cb]);
+      else _mm512_mask_storeu_ps(O + r * Dv + c0 + 16 * cb, m[cb], acc[r][cb]);
+    }
+}
+
+// The largest row tile (8, 4, 2 or 1 rows) that fits the rows left.
+inline int row_tile(int64_t rows_left) { return rows_left >= 8 ? 8 : rows_left >= 4 ? 4 : rows_left >= 2 ? 2 : 1; }
+
+#if defined(__AVX512BF16__)
+// bf16 K/V with bf16 queries on AVX512-BF16: vdpbf16ps multiplies pairs of bf16 and adds
+// both exact products to an fp32 lane, 32 elements per instruction and no widening. The
+// scores are scale * (q . k) with q as stored; P is rounded to bf16 for the PV product
+// (the row sums stay fp32), as the general bf16 kernel and the GPU flash kernels do.
+inline __mmask32 lanes32(int64_t count) {
+  if (count <= 0) return 0;
+  return count >= 32 ? __mmask32(0xFFFFFFFFu) : static_cast<__mmask32>((1u << count) - 1u);
+}
+inline __m512bh load32_bf16(const c10::BFloat16* p, __mmask32 m) { return (__m512bh)_mm512_maskz_loadu_epi16(m, p); }
+
+// S[r * ss + t] = scale * Qb[r] . k[t] for RT rows of Qb (bf16, row stride Dp: D rounded up to
+// 32, zero-padded) and KB keys.
+template <int RT, int KB>
+inline void score_tile_bf16(const c10::BFloat16* Qb, int64_t Dp, int64_t D, const c10::BFloat16* const* k,
+                            float scale, float* S, int64_t ss) {
+  static_assert((RT * KB) % 4 == 0 && RT * KB <= 16, "tile of 4..16 accumulators");
+  __m512 acc[RT][KB];
+  for (int r = 0; r < RT; ++r)
+    for (int t = 0; t < KB; ++t) acc[r][t] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < D; c += 32) {
+    const __mmask32 m = lanes32(D - c);
+    __m512bh kc[KB];
+    for (int t = 0; t < KB; ++t) kc[t] = load32_bf16(k[t] + c, m);
+    for (int r = 0; r < RT; ++r) {
+      const __m512bh qv = (__m512bh)_mm512_loadu_si512(Qb + r * Dp + c);
+      for (int t = 0; t < KB; ++t) acc[r][t] = _mm512_dpbf16_ps(acc[r][t], qv, kc[t]);
+    }
+  }
+  const __m128 sc = _mm_set1_ps(scale);
+  for (int f = 0; f < RT * KB; f += 4) {
+    const int r = f / KB, t = f % KB;
+    const __m128 s4 = _mm_mul_ps(sc, reduce4(acc[r][t], acc[(f + 1) / KB][(f + 1) % KB],
+                                             acc[(f + 2) / KB][(f + 2) % KB], acc[(f + 3) / KB][(f + 3) % KB]));
+    if constexpr (KB >= 4) {
+      _mm_storeu_ps(S + r * ss + t, s4);
+    } else {
+      _mm_storel_pi(reinterpret_cast<__m64*>(S + r * ss), s4);
+      _mm_storeh_pi(reinterpret_cast<__m64*>(S + (r + 1) * ss), s4);
+    }
   }
 }
+
+// O[r][c0, c0 + 32 CB) += sum_j P[r][j] v[j][...] over the block's n keys for RT rows, P in
+// bf16 pairs (Pw: row stride pw words, word jp = keys 2jp and 2jp + 1, the odd tail paired
+// with 0). Two value rows interleave into pairs (vpunpck{l,h}wd), which puts the columns of
+// each 32-column group in the order (0-3, 8-11, 16-19, 24-27 | 4-7, ...): the output band is
+// permuted into that order when loaded and back when stored.
+template <int RT, int CB>
+inline void value_tile_bf16(float* O, int64_t Dv, int64_t c0, const int32_t* Pw, int64_t pw,
+                            const c10::BFloat16* const* v, int64_t n, const RowPrefetch<c10::BFloat16>& pf) {
+  // lo lane 4L + i holds column 8L + i, hi lane 4L + i column 8L + 4 + i (L the 128-bit lane)
+  const __m512i to_lo = _mm512_set_epi32(27, 26, 25, 24, 19, 18, 17, 16, 11, 10, 9, 8, 3, 2, 1, 0);
+  const __m512i to_hi = _mm512_set_epi32(31, 30, 29, 28, 23, 22, 21, 20, 15, 14, 13, 12, 7, 6, 5, 4);
+  const __m512i from0 = _mm512_set_epi32(23, 22, 21, 20, 7, 6, 5, 4, 19, 18, 17, 16, 3, 2, 1, 0);
+  const __m512i from1 = _mm512_set_epi32(31, 30, 29, 28, 15, 14, 13, 12, 27, 26, 25, 24, 11, 10, 9, 8);
+  __m512 lo[RT][CB], hi[RT][CB];
+  __mmask32 m[CB];
+  for (int cb = 0; cb < CB; ++cb) m[cb] = lanes32(Dv - c0 - 32 * cb);
+  for (int r = 0; r < RT; ++r)
+    for (int cb = 0; cb < CB; ++cb) {
+      const float* o = O + r * Dv + c0 + 32 * cb;
+      const __m512 o0 = _mm512_maskz_loadu_ps(lanes(Dv - c0 - 32 * cb), o);
+      const __m512 o1 = _mm512_maskz_loadu_ps(lanes(Dv - c0 - 32 * cb - 16), o + 16);
+      lo[r][cb] = _mm512_permutex2var_ps(o0, to_lo, o1);
+      hi[r][cb] = _mm512_permutex2var_ps(o0, to_hi, o1);
+    }
+  for (int64_t jp = 0; 2 * jp < n; ++jp) {
+    if (2 * jp < pf.count) prefetch_row_l2(pf.rows[2 * jp], pf.bytes);
+    if (2 * jp + 1 < pf.count) prefetch_row_l2(pf.rows[2 * jp + 1], pf.bytes);
+    const c10::BFloat16* va = v[2 * jp] + c0;
+    const bool pair = 2 * jp + 1 < n;
+    const c10::BFloat16* vb = v[pair ? 2 * jp + 1 : 2 * jp] + c0;
+    __m512bh p[RT];
+    for (int r = 0; r < RT; ++r) p[r] = (__m512bh)_mm512_set1_epi32(Pw[r * pw + jp]);
+    for (int cb = 0; cb < CB; ++cb) {
+      const __m512i a = _mm512_maskz_loadu_epi16(m[cb], va + 32 * cb);
+      const __m512i b = pair ? _mm512_maskz_loadu_epi16(m[cb], vb + 32 * cb) : _mm512_setzero_si512();
+      const __m512bh l = (__m512bh)_mm512_unpacklo_epi16(a, b), h = (__m512bh)_mm512_unpackhi_epi16(a, b);
+      for (int r = 0; r < RT; ++r) {
+        lo[r][cb] = _mm512_dpbf16_ps(lo[r][cb], p[r], l);
+        hi[r][cb] = _mm512_dpbf16_ps(hi[r][cb], p[r], h);
+      }
+    }
+  }
+  for (int r = 0; r < RT; ++r)
+    for (int cb = 0; cb < CB; ++cb) {
+      float* o = O + r * Dv + c0 + 32 * cb;
+      _mm512_mask_storeu_ps(o, lanes(Dv - c0 - 32 * cb), _mm512_permutex2var_ps(lo[r][cb], from0, hi[r][cb]));
+      _mm512_mask_storeu_ps(o + 16, lanes(Dv - c0 - 32 * cb - 16), _mm512_permutex2var_ps(lo[r][cb], from1, hi[r][cb]));
+    }
+}
+
+// The block's scores for all R rows (as score_block, scores scaled here).
+inline void score_block_bf16(const c10::BFloat16* Qb, int64_t R, int64_t Dp, int64_t D,
+                             const c10::BFloat16* const* kp, int64_t n, float scale, float* S,
+                             const BlockPrefetch<c10::BFloat16>& prefetch) {
+  for (int64_t r0 = 0; r0 < R; r0 += row_tile(R - r0)) {
+    const c10::BFloat16* q = Qb + r0 * Dp;
+    float* s = S + r0 * kDecodeBlock;
+    const bool first = r0 == 0;
+    switch (row_tile(R - r0)) {
+#define SEQKERNELS_SCORE_TILE(RT, KB)                                           \
+  case RT:                                                                      \
+    for (int64_t j = 0; j < n; j += KB) {                                       \
+      if (first) prefetch(j, KB);                                               \
+      score_tile_bf16<RT, KB>(q, Dp, D, kp + j, scale, s + j, kDecodeBlock);    \
+    }                                                                           \
+    break;
+      SEQKERNELS_SCORE_TILE(8, 2) SEQKERNELS_SCORE_TILE(4, 4) SEQKERNELS_SCORE_TILE(2, 8) SEQKERNELS_SCORE_TILE(1, 8)
+#undef SEQKERNELS_SCORE_TILE
+    }
+  }
+}
+
+// O += P V for the block, P rounded to bf16 pairs from the fp32 probabilities in S.
+inline void value_block_bf16(float* O, int64_t R, int64_t Dv, const float* S, int32_t* Pw,
+                             const c10::BFloat16* const* vp, int64_t n, const RowPrefetch<c10::BFloat16>& next_keys) {
+  const RowPrefetch<c10::BFloat16> none;
+  const int64_t pw = kDecodeBlock / 2;
+  for (int64_t r = 0; r < R; ++r) {
+    auto* pb = reinterpret_cast<c10::BFloat16*>(Pw + r * pw);
+    const float* srow = S + r * kDecodeBlock;
+    int64_t j = 0;
+    for (; j + 16 <= n; j += 16) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(pb + j), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(srow + j)));
+    }
+    if (j < n) {
+      const __m512 t = _mm512_maskz_loadu_ps(lanes(n - j), srow + j);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(pb + j), (__m256i)_mm512_cvtneps_pbh(t));  // zeros past n
+    }
+  }
+  for (int64_t r0 = 0; r0 < R; r0 += row_tile(R - r0)) {
+    const int rt = row_tile(R - r0);
+    float* o = O + r0 * Dv;
+    const int32_t* p = Pw + r0 * pw;
+    bool first = r0 == 0;
+    for (int64_t c = 0; c < Dv;) {
+      const int64_t left = (Dv - c + 31) / 32;
+      const int cb = static_cast<int>(std::min<int64_t>(8 / std::max(rt, 2), left >= 4 ? 4 : left >= 2 ? 2 : 1));
+      switch (rt * 16 + cb) {
+#define SEQKERNELS_VALUE_TILE(RT, CB) \
+  case RT * 16 + CB: value_tile_bf16<RT, CB>(o, Dv, c, p, pw, vp, n, first ? next_keys : none); break;
+        SEQKERNELS_VALUE_TILE(8, 1)
+        SEQKERNELS_VALUE_TILE(4, 2) SEQKERNELS_VALUE_TILE(4, 1)
+        SEQKERNELS_VALUE_TILE(2, 4) SEQKERNELS_VALUE_TILE(2, 2) SEQKERNELS_VALUE_TILE(2, 1)
+        SEQKERNELS_VALUE_TILE(1, 4) SEQKERNELS_VALUE_TILE(1, 2) SEQKERNELS_VALUE_TILE(1, 1)
+#undef SEQKERNELS_VALUE_TILE
+      }
+      c += 32 * cb;
+      first = false;
+    }
+  }
+}
+constexpr bool kNativeBf16Decode = true;
+#else
+constexpr bool kNativeBf16Decode = false;
+#endif
+#else
+constexpr bool kNativeBf16Decode = false;
 #endif
 
-constexpr int64_t kPrefetchRows = 16;
-
-inline void prefetch_row(const void* p, int64_t bytes) {
-  const char* c = static_cast<const char*>(p);
-  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + off, 0, 3);
-}
-
+// Scores of the R rows of Q against the n keys kp[0, n) into S (row stride kDecodeBlock). kp
+// holds n_ahead >= n valid rows (the block's, then up to kPrefetchRows of the next block's),
+// padded past them to a multiple of 8 with valid rows whose scores are ignored; the rows
+// kPrefetchRows ahead are prefetched as the first row tile streams past.
 template <typename A, typename T>
-inline void dot_group(const A* q, const T* const* k, int64_t nk, int64_t D, A* s) {
+inline void score_block(const A* Q, int64_t R, int64_t D, const T* const* kp, int64_t n, A* S,
+                        const BlockPrefetch<T>& prefetch) {
 #if defined(CPU_CAPABILITY_AVX512)
   if constexpr (std::is_same_v<A, float>) {
-    dot_keys_avx512<T>(q, k, nk, D, s);
+    const bool full = D % 16 == 0;
+    for (int64_t r0 = 0; r0 < R; r0 += row_tile(R - r0)) {
+      const float* q = Q + r0 * D;
+      float* s = S + r0 * kDecodeBlock;
+      const bool first = r0 == 0;
+      switch (row_tile(R - r0)) {
+        case 8:
+          for (int64_t j = 0; j < n; j += 2) {
+            if (first) prefetch(j, 2);
+            full ? score_tile<8, 2, true, T>(q, D, kp + j, s + j, kDecodeBlock)
+                 : score_tile<8, 2, false, T>(q, D, kp + j, s + j, kDecodeBlock);
+          }
+          break;
+        case 4:
+          for (int64_t j = 0; j < n; j += 4) {
+            if (first) prefetch(j, 4);
+            full ? score_tile<4, 4, true, T>(q, D, kp + j, s + j, kDecodeBlock)
+                 : score_tile<4, 4, false, T>(q, D, kp + j, s + j, kDecodeBlock);
+          }
+          break;
+        case 2:
+          for (int64_t j = 0; j < n; j += 8) {
+            if (first) prefetch(j, 8);
+            full ? score_tile<2, 8, true, T>(q, D, kp + j, s + j, kDecodeBlock)
+                 : score_tile<2, 8, false, T>(q, D, kp + j, s + j, kDecodeBlock);
+          }
+          break;
+        default:
+          for (int64_t j = 0; j < n; j += 8) {
+            prefetch(j, 8);
+            full ? score_tile<1, 8, true, T>(q, D, kp + j, s + j, kDecodeBlock)
+                 : score_tile<1, 8, false, T>(q, D, kp + j, s + j, kDecodeBlock);
+          }
+          break;
+      }
+    }
     return;
   }
 #endif
-  dot_keys<A, T>(q, k, nk, D, s);
+  for (int64_t j = 0; j < n; j += 4) {  // four keys at a time, read once for every row
+    prefetch(j, 4);
+    for (int64_t r = 0; r < R; ++r) dot_keys<A, T>(Q + r * D, kp + j, std::min<int64_t>(4, n - j), D, S + r * kDecodeBlock + j);
+  }
 }
 
+// O (R rows of Dv) += P V over the block's n keys vp[0, n), P the block's probabilities in S.
 template <typename A, typename T>
-inline void axpy_group(A* o, const A* p, const T* const* v, int64_t nk, int64_t Dv) {
+inline void value_block(A* O, int64_t R, int64_t Dv, const A* S, const T* const* vp, int64_t n,
+                        const RowPrefetch<T>& next_keys) {
 #if defined(CPU_CAPABILITY_AVX512)
   if constexpr (std::is_same_v<A, float>) {
-    axpy_keys_avx512<T>(o, p, v, nk, Dv);
+    const RowPrefetch<T> none;
+    for (int64_t r0 = 0; r0 < R; r0 += row_tile(R - r0)) {
+      const int rt = row_tile(R - r0);
+      bool first = r0 == 0;
+      float* o = O + r0 * Dv;
+      const float* s = S + r0 * kDecodeBlock;
+      // bands of up to 16 / rt chunks of 16 columns (at most 8), the last one no wider than what is left
+      for (int64_t c = 0; c < Dv;) {
+        const int64_t left = (Dv - c + 15) / 16;
+        const int cb = static_cast<int>(std::min<int64_t>(16 / std::max(rt, 2), left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1));
+        switch (rt * 16 + cb) {
+#define SEQKERNELS_VALUE_TILE(RT, CB) \
+  case RT * 16 + CB:                                                                          \
+    if (c + 16 * CB <= Dv) value_tile<RT, CB, true, T>(o, Dv, c, s, kDecodeBlock, vp, n, first ? next_keys : none); \
+    else value_tile<RT, CB, false, T>(o, Dv, c, s, kDecodeBlock, vp, n, first ? next_keys : none);                  \
+    break;
+          SEQKERNELS_VALUE_TILE(8, 2) SEQKERNELS_VALUE_TILE(8, 1)
+          SEQKERNELS_VALUE_TILE(4, 4) SEQKERNELS_VALUE_TILE(4, 2) SEQKERNELS_VALUE_TILE(4, 1)
+          SEQKERNELS_VALUE_TILE(2, 8) SEQKERNELS_VALUE_TILE(2, 4) SEQKERNELS_VALUE_TILE(2, 2) SEQKERNELS_VALUE_TILE(2, 1)
+          SEQKERNELS_VALUE_TILE(1, 8) SEQKERNELS_VALUE_TILE(1, 4) SEQKERNELS_VALUE_TILE(1, 2) SEQKERNELS_VALUE_TILE(1, 1)
+#undef SEQKERNELS_VALUE_TILE
+        }
+        c += 16 * cb;
+        first = false;
+      }
+    }
     return;
   }
 #endif
-  axpy_keys<A, T>(o, p, v, nk, Dv);
+  for (int64_t j = 0; j < next_keys.count; ++j) prefetch_row_l2(next_keys.rows[j], next_keys.bytes);
+  for (int64_t j = 0; j < n; j += 4) {
+    for (int64_t r = 0; r < R; ++r) axpy_keys<A, T>(O + r * Dv, S + r * kDecodeBlock + j, vp + j, std::min<int64_t>(4, n - j), Dv);
+  }
 }
 
 // Number of key chunks per (batch, kv head): 1 when batch x kv heads keeps every thread
@@ -183,6 +483,8 @@ inline int64_t decode_chunks(const DecodeDims& d) {
 template <typename A>
 struct DecodeScratch {
   std::vector<A> q, s, o, m, l;
+  std::vector<c10::BFloat16> qb;  // the native bf16 path's queries, rows padded to 32
+  std::vector<int32_t> pw;        // and its probabilities in bf16 pairs
   static DecodeScratch& get() {
     static thread_local DecodeScratch scratch;
     return scratch;
@@ -224,19 +526,39 @@ void decode_forward(const DecodeDims& d, const Masking<A>& mk, const KVRows<T>& 
   const int64_t grain = work < (1 << 18) ? d.B * d.Hk * nchunks : 1;
   at::parallel_for(0, d.B * d.Hk * nchunks, grain, [&](int64_t begin, int64_t end) {
     auto& sc = DecodeScratch<A>::get();
-    sc.q.resize(R * d.D);
+    sc.q.resize(std::is_same_v<T, c10::BFloat16> && kNativeBf16Decode ? 0 : R * d.D);
     sc.s.resize(R * kDecodeBlock);
     sc.o.resize(R * d.Dv);
     sc.m.resize(R);
     sc.l.resize(R);
     A *Q = sc.q.data(), *S = sc.s.data(), *O = sc.o.data(), *M = sc.m.data(), *L = sc.l.data();
+    constexpr bool native = kNativeBf16Decode && std::is_same_v<T, c10::BFloat16>;
+    const int64_t Dp = (d.D + 31) / 32 * 32;
+    c10::BFloat16* Qb = nullptr;
+    int32_t* PW = nullptr;
+    if constexpr (native) {
+      sc.qb.resize(R * Dp);
+      sc.pw.resize(R * kDecodeBlock / 2 + 8);
+      Qb = sc.qb.data();
+      PW = sc.pw.data();
+    }
+    const T* KP[kDecodeBlock + kPrefetchRows + 8];
+    const T* VP[kDecodeBlock + 8];
+    const T* KN[kDecodeBlock];
     for (int64_t task = begin; task < end; ++task) {
       const int64_t chunk = task % nchunks, bhk = task / nchunks;
       const int64_t b = bhk / d.Hk, hk = bhk % d.Hk;
       // The query rows of the group, scaled once: row r is head hk * G + r / Lq, query r % Lq.
+      // (The native bf16 path keeps them as stored, rows padded with zeros to Dp, and scales
+      // the scores.)
       for (int64_t r = 0; r < R; ++r) {
         const T* src = q + ((b * d.H + hk * d.G + r / d.Lq) * d.Lq + r % d.Lq) * d.D;
-        for (int64_t c = 0; c < d.D; ++c) Q[r * d.D + c] = static_cast<A>(src[c]) * scale;
+        if constexpr (native) {
+          std::copy(src, src + d.D, Qb + r * Dp);
+          std::fill(Qb + r * Dp + d.D, Qb + (r + 1) * Dp, c10::BFloat16(0.f));
+        } else {
+          for (int64_t c = 0; c < d.D; ++c) Q[r * d.D + c] = static_cast<A>(src[c]) * scale;
+        }
       }
       std::fill(O, O + R * d.Dv, A(0));
       std::fill(M, M + R, kNegInf);
@@ -248,20 +570,21 @@ void decode_forward(const DecodeDims& d, const Masking<A>& mk, const KVRows<T>& 
       const int64_t j_hi = std::min(row_end_max, chunk * chunk_len + chunk_len);
       for (int64_t j0 = j_lo; j0 < j_hi; j0 += kDecodeBlock) {
         const int64_t n = std::min(kDecodeBlock, j_hi - j0);
-        for (int64_t jj = 0; jj < n; jj += 4) {  // four keys at a time, read once for every row
-          const int64_t nk = std::min<int64_t>(4, n - jj);
-          const T* krows[4];
-          for (int64_t t = 0; t < nk; ++t) {
-            krows[t] = kv.k_row(b, hk, j0 + jj + t);
-            // K and V stream from memory: ask for the rows kPrefetchRows ahead, so that enough
-            // loads are in flight (the hardware prefetcher alone reached a third of the read
-            // bandwidth here).
-            if (j0 + jj + t + kPrefetchRows < j_hi) {
-              prefetch_row(kv.k_row(b, hk, j0 + jj + t + kPrefetchRows), d.D * sizeof(T));
-            }
-          }
-          for (int64_t r = 0; r < R; ++r) dot_group<A, T>(Q + r * d.D, krows, nk, d.D, S + r * kDecodeBlock + jj);
+        // Row pointers of the block and of the next block's first kPrefetchRows (the keys are
+        // prefetched that far ahead: K and V stream from memory, and the hardware prefetcher
+        // alone reached a third of the read bandwidth here), padded with the first row.
+        const int64_t n_ahead = std::min(n + kPrefetchRows, j_hi - j0);
+        for (int64_t t = 0; t < n_ahead; ++t) KP[t] = kv.k_row(b, hk, j0 + t);
+        for (int64_t t = 0; t < n; ++t) VP[t] = kv.v_row(b, hk, j0 + t);
+        for (int64_t t = n; t < n + 8; ++t) VP[t] = VP[0];
+        for (int64_t t = n_ahead; t < n + 8; ++t) KP[t] = KP[0];
+        const BlockPrefetch<T> prefetch{KP, VP, n, n_ahead, d.D * int64_t(sizeof(T)), d.Dv * int64_t(sizeof(T))};
+        if constexpr (native) {
+          score_block_bf16(Qb, R, Dp, d.D, KP, n, scale, S, prefetch);
+        } else {
+          score_block<A, T>(Q, R, d.D, KP, n, S, prefetch);
         }
+        
         for (int64_t r = 0; r < R; ++r) {
           A* srow = S + r * kDecodeBlock;
           const int64_t h = hk * d.G + r / d.Lq, i = r % d.Lq;
@@ -278,11 +601,13 @@ void decode_forward(const DecodeDims& d, const Masking<A>& mk, const KVRows<T>& 
           if (alpha != A(1)) scale_row(O + r * d.Dv, d.Dv, alpha);
           M[r] = m_new;
         }
-        for (int64_t jj = 0; jj < n; jj += 4) {
-          const int64_t nk = std::min<int64_t>(4, n - jj);
-          const T* vrows[4];
-          for (int64_t t = 0; t < nk; ++t) vrows[t] = kv.v_row(b, hk, j0 + jj + t);
-          for (int64_t r = 0; r < R; ++r) axpy_group<A, T>(O + r * d.Dv, S + r * kDecodeBlock + jj, vrows, nk, d.Dv);
+        const int64_t n_next = std::min(kDecodeBlock, j_hi - j0 - n);
+        for (int64_t t = 0; t < n_next; ++t) KN[t] = kv.k_row(b, hk, j0 + n + t);
+        const RowPrefetch<T> next_keys{KN, std::min(n, n_next), d.D * int64_t(sizeof(T))};
+        if constexpr (native) {
+          value_block_bf16(O, R, d.Dv, S, PW, VP, n, next_keys);
+        } else {
+          value_block<A, T>(O, R, d.Dv, S, VP, n, next_keys);
         }
       }
       if (nchunks == 1) {

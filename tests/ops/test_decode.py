@@ -294,3 +294,63 @@ def test_kvcache_option_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):  # the op checks in C++ too
         torch.ops.seqkernels.flash_attention_kvcache(q, kc, vc, None, None, torch.tensor([2]), None, True, 0.3,
                                                      kwargs.get("softcap", 0.0), *kwargs.get("window", (-1, -1)))
+
+
+def _tile_case(R_heads, Lq, D, Dv, Lk, dtype, causal, seed):
+    g = torch.Generator().manual_seed(seed)
+    Hk = 2
+    q = torch.randn(1, Hk * R_heads, Lq, D, generator=g).to(dtype)
+    k = torch.randn(1, Hk, Lk, D, generator=g).to(dtype)
+    v = torch.randn(1, Hk, Lk, Dv, generator=g).to(dtype)
+    return q, k, v
+
+
+# Every row count the decode kernel tiles (R = G * Lq from 1 to 16: tiles of 8, 4, 2 and 1 rows
+# and their sums), head dims that fill 16- and 32-lane chunks and ones that end inside one,
+# key counts that end a block, a key group of the tile and a bf16 key pair anywhere.
+ROWS = [(1, 1), (2, 1), (3, 1), (4, 1), (5, 1), (6, 1), (7, 1), (8, 1), (9, 1), (11, 1), (12, 1), (13, 1),
+        (15, 1), (16, 1), (3, 5), (2, 7), (1, 16)]
+
+
+@pytest.mark.parametrize("G,Lq", ROWS)
+@pytest.mark.parametrize("D,Dv,Lk", [(64, 64, 517), (80, 48, 263), (37, 19, 7), (128, 160, 256), (16, 40, 1)])
+def test_every_row_tile_float32(G, Lq, D, Dv, Lk):
+    q, k, v = _tile_case(G, Lq, D, Dv, Lk, torch.float32, Lq > 1, G * 100 + Lq + D + Lk)
+    out, lse = seqkernels.flash_attention(q, k, v, causal=Lq > 1, return_lse=True)
+    e, el = ref.flash_attention(q.double(), k.double(), v.double(), causal=Lq > 1)
+    torch.testing.assert_close(out.double(), e, rtol=1e-5, atol=2e-6)
+    torch.testing.assert_close(lse.double(), el, rtol=1e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("G,Lq", ROWS)
+@pytest.mark.parametrize("D,Dv,Lk", [(64, 64, 517), (80, 48, 263), (37, 19, 7), (128, 160, 256), (16, 40, 1)])
+def test_every_row_tile_bfloat16_within_twice_torchs_error(G, Lq, D, Dv, Lk):
+    """bf16 K/V (bf16 dot products where the CPU has AVX512-BF16, P rounded to bf16 for the
+    PV product): the error against float64 at most twice that of torch's own bf16 SDPA."""
+    q, k, v = _tile_case(G, Lq, D, Dv, Lk, torch.bfloat16, Lq > 1, G * 100 + Lq + D + Lk)
+    causal = Lq > 1
+    out, lse = seqkernels.flash_attention(q, k, v, causal=causal, return_lse=True)
+    e, el = ref.flash_attention(q.double(), k.double(), v.double(), causal=causal)
+    mask = torch.ones(Lq, Lk, dtype=torch.bool).tril(Lk - Lq) if causal else None
+    with torch.no_grad():
+        t = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    err, terr = (out.double() - e).abs().max().item(), (t.double() - e).abs().max().item()
+    assert err <= 2 * terr + 1e-5, (err, terr)
+    torch.testing.assert_close(lse.double(), el, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_rows_see_only_their_own_heads_and_keys(dtype):
+    """One query head (and one key) made huge: only that head's outputs move, so no tile mixes
+    rows or keys of another head or group (each head's rows are checked against the reference)."""
+    g = torch.Generator().manual_seed(11)
+    B, Hk, G, Lk, D = 2, 2, 6, 300, 64
+    q = torch.randn(B, Hk * G, 1, D, generator=g)
+    k, v = (torch.randn(B, Hk, Lk, D, generator=g) for _ in range(2))
+    q[1, 7] *= 30.0
+    v[0, 1, 299] = 50.0
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    out = seqkernels.flash_attention(q, k, v)
+    e, _ = ref.flash_attention(q.double(), k.double(), v.double())
+    tol = 2e-5 if dtype == torch.float32 else 6e-2
+    torch.testing.assert_close(out.double(), e, rtol=tol, atol=tol)
