@@ -89,3 +89,97 @@ def run_decode(device: str, quick: bool, repeat: int = 7, progress=None) -> tupl
             if base:
                 r["speedup_vs_own_float32"] = base[0]["seqkernels_ms"] / r["seqkernels_ms"]
     return rows, bw
+
+
+# The decode issue's own shapes (B, H, Hk, Lq, Lk, D, causal), float32; the Lq = 16 one also
+# causal (bottom-right: 16 new tokens at the end of the cache, as in speculative decoding).
+ISSUE_SHAPES = [(1, 8, 8, 1, 4096, 64, False), (1, 32, 8, 1, 2048, 128, False), (8, 32, 8, 1, 1024, 128, False),
+                (1, 32, 32, 1, 512, 128, False), (1, 8, 8, 16, 4096, 64, False), (1, 8, 8, 16, 4096, 64, True)]
+
+
+def run_issue_shapes(repeat: int = 20) -> list[dict]:
+    """flash_attention (decode kernel) against torch SDPA (enable_gqa) and the general kernel
+    (decode regime off) on the issue's shapes, float32, no grad, in turns."""
+    import seqkernels
+    from seqkernels import testing
+
+    rows = []
+    for B, H, Hk, Lq, Lk, D, causal in ISSUE_SHAPES:
+        g = torch.Generator().manual_seed(0)
+        q = torch.randn(B, H, Lq, D, generator=g)
+        k, v = (torch.randn(B, Hk, Lk, D, generator=g) for _ in range(2))
+        mask = torch.ones(Lq, Lk, dtype=torch.bool).tril(Lk - Lq) if causal else None
+
+        def general():
+            with testing.decode_regime(False):
+                return seqkernels.flash_attention(q, k, v, causal=causal)
+
+        fns = {"seqkernels": lambda: seqkernels.flash_attention(q, k, v, causal=causal),
+               "torch": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True),
+               "general": general}
+        with torch.no_grad():
+            t = measure_times_interleaved(fns, warmup=3, repeat=repeat)
+        nbytes = 2 * B * Hk * Lk * D * 4
+        rows.append(dict(B=B, H=H, Hk=Hk, Lq=Lq, Lk=Lk, D=D, causal=causal, **{f"{n}_ms": x.median_ms for n, x in t.items()},
+                         speedup_vs_torch=t["torch"].median_s / t["seqkernels"].median_s,
+                         speedup_vs_general=t["general"].median_s / t["seqkernels"].median_s,
+                         kv_GBps=nbytes / t["seqkernels"].median_s / 1e9))
+    return rows
+
+
+def run_bf16_vs_f32(repeat: int = 11) -> list[dict]:
+    """One flash_attention_with_kvcache step with a float32 and a bfloat16 cache of the same
+    shape (H=32, Hk=8, D=128), timed against each other in turns."""
+    rows = []
+    for B in (1, 8):
+        for L in (512, 4096, 32768):
+            fns = {dt: decode_case(dict(B=B, H=32, Hk=8, D=128, Lk=L, dtype=dt))[0]["seqkernels"]
+                   for dt in ("float32", "bfloat16")}
+            t = measure_times_interleaved(fns, warmup=2, repeat=repeat)
+            rows.append(dict(B=B, H=32, Hk=8, D=128, Lk=L, float32_ms=t["float32"].median_ms,
+                             bfloat16_ms=t["bfloat16"].median_ms,
+                             bf16_speedup=t["float32"].median_s / t["bfloat16"].median_s))
+            del fns
+    return rows
+
+
+def main(argv=None) -> None:
+    """``python -m seqkernels.profiling.decode [--out DIR]``: the issue's shapes and the bf16 /
+    float32 comparison, into decode_issue_shapes_cpu.json and decode_bf16_vs_f32_cpu.json."""
+    import argparse
+    import datetime
+    import json
+    import os
+    import platform
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("--out", default="bench/results")
+    args = ap.parse_args(argv)
+    cpu = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    machine = f"{cpu} ({os.cpu_count()} cores), {torch.get_num_threads()} threads, torch {torch.__version__}"
+    import seqkernels
+    machine += f", cpu capability {seqkernels.build_info()['cpu_capability']}"
+    date = datetime.date.today().isoformat()
+    bw = {"read_GBps_16MiB": read_bandwidth(16 << 20) / 1e9, "read_GBps_1GiB": read_bandwidth(1 << 30) / 1e9}
+    for name, what, fn in [
+        ("decode_issue_shapes_cpu.json", "the decode issue's five shapes: flash_attention (decode kernel) vs torch SDPA "
+         "(enable_gqa; with causal, a bottom-right boolean mask) vs the general kernel (decode regime off), float32, no grad, "
+         "one process, in turns, median of 20 after 3 warm-ups", run_issue_shapes),
+        ("decode_bf16_vs_f32_cpu.json", "one decode step of flash_attention_with_kvcache with a float32 and a bfloat16 "
+         "cache of the same shape, timed against each other in turns in one process (median of 11 after 2 warm-ups)",
+         run_bf16_vs_f32),
+    ]:
+        rows = fn()
+        with open(os.path.join(args.out, name), "w") as f:
+            json.dump({"meta": dict(what=what, machine=machine, date=date, **bw), "rows": rows}, f, indent=1)
+        for r in rows:
+            print(name, {k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()})
+
+
+if __name__ == "__main__":
+    main()
