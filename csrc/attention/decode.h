@@ -7,7 +7,8 @@
 //   - the products run on register tiles, no BLAS call (whose fixed cost dwarfs a one-row
 //     tile): up to 8 query rows x 2-8 keys of dot products, each chunk of a key row loaded
 //     (and widened) once for every row of the tile, and an output band of up to 8 rows x
-//     128 columns that stays in registers for a whole key block of the PV product;
+//     128 columns that stays in registers for a whole key block of the PV product (AVX-512
+//     intrinsics; smaller at::vec tiles for 16 registers in the avx2 build and for float64);
 //   - keys are split into chunks across threads when batch x kv heads alone cannot keep
 //     every thread busy (split-K, "flash-decoding"): each chunk writes a partial output,
 //     row max and sum, merged in chunk order, so the result does not depend on scheduling;

@@ -41,41 +41,6 @@ inline at::vec::Vectorized<A> load_as(const T* p) {
   }
 }
 
-// Scores of one query row against keys k[0..nk) (nk <= 4, rows of D): s[jj] = q . k[jj].
-// Generic version (at::vec: the avx2 build and float64); the AVX-512 tiles below keep a tile
-// of query rows x keys in registers.
-template <typename A, typename T>
-inline void dot_keys(const A* q, const T* const* k, int64_t nk, int64_t D, A* s) {
-  using V = at::vec::Vectorized<A>;
-  constexpr int64_t W = V::size();
-  for (int64_t jj = 0; jj < nk; ++jj) {
-    V acc(A(0));
-    int64_t c = 0;
-    for (; c + W <= D; c += W) acc = at::vec::fmadd(V::loadu(q + c), load_as<A>(k[jj] + c), acc);
-    A t = at::vec::vec_reduce_all<A>([](V a, V b) { return a + b; }, acc);
-    for (; c < D; ++c) t += q[c] * static_cast<A>(k[jj][c]);
-    s[jj] = t;
-  }
-}
-
-// o += sum_jj p[jj] * v[jj] over keys jj < nk (nk <= 4), rows of Dv.
-template <typename A, typename T>
-inline void axpy_keys(A* o, const A* p, const T* const* v, int64_t nk, int64_t Dv) {
-  using V = at::vec::Vectorized<A>;
-  constexpr int64_t W = V::size();
-  int64_t c = 0;
-  for (; c + W <= Dv; c += W) {
-    V acc = V::loadu(o + c);
-    for (int64_t jj = 0; jj < nk; ++jj) acc = at::vec::fmadd(V(p[jj]), load_as<A>(v[jj] + c), acc);
-    acc.store(o + c);
-  }
-  for (; c < Dv; ++c) {
-    A t = o[c];
-    for (int64_t jj = 0; jj < nk; ++jj) t += p[jj] * static_cast<A>(v[jj][c]);
-    o[c] = t;
-  }
-}
-
 constexpr int64_t kPrefetchRows = 16;
 
 inline void prefetch_row(const void* p, int64_t bytes) {
@@ -110,6 +75,84 @@ struct BlockPrefetch {
     for (int64_t t = j; t < std::min(j + step, n); ++t) prefetch_row_l2(vp[t], v_bytes);
   }
 };
+
+// The same from the first `count` (0 < count < size) elements, the other lanes 0.
+template <typename A, typename T>
+inline at::vec::Vectorized<A> load_part_as(const T* p, int64_t count) {
+  if constexpr (std::is_same_v<A, T>) {
+    return at::vec::Vectorized<A>::loadu(p, count);
+  } else {
+    alignas(64) A tmp[at::vec::Vectorized<A>::size()] = {};
+    for (int64_t i = 0; i < count; ++i) tmp[i] = static_cast<A>(p[i]);
+    return at::vec::Vectorized<A>::loadu(tmp);
+  }
+}
+
+// Portable register tiles (at::vec: the avx2 build, float64, and CPUs without AVX-512), the
+// counterparts of the AVX-512 ones below, sized for 16 vector registers.
+// Scores of RT query rows against KB keys, S[r * ss + t] = Q[r] . k[t].
+template <int RT, int KB, typename A, typename T>
+inline void score_tile_vec(const A* Q, int64_t D, const T* const* k, A* S, int64_t ss) {
+  using V = at::vec::Vectorized<A>;
+  constexpr int64_t W = V::size();
+  V acc[RT][KB];
+  for (int r = 0; r < RT; ++r)
+    for (int t = 0; t < KB; ++t) acc[r][t] = V(A(0));
+  auto step = [&](int64_t c, auto load_k, auto load_q) {
+    V kc[KB];
+    for (int t = 0; t < KB; ++t) kc[t] = load_k(k[t] + c);
+    for (int r = 0; r < RT; ++r) {
+      const V qv = load_q(Q + r * D + c);
+      for (int t = 0; t < KB; ++t) acc[r][t] = at::vec::fmadd(qv, kc[t], acc[r][t]);
+    }
+  };
+  int64_t c = 0;
+  for (; c + W <= D; c += W) step(c, [](const T* p) { return load_as<A>(p); }, [](const A* p) { return V::loadu(p); });
+  if (c < D) {
+    const int64_t m = D - c;
+    step(c, [m](const T* p) { return load_part_as<A>(p, m); }, [m](const A* p) { return V::loadu(p, m); });
+  }
+  for (int r = 0; r < RT; ++r)
+    for (int t = 0; t < KB; ++t) S[r * ss + t] = at::vec::vec_reduce_all<A>([](V a, V b) { return a + b; }, acc[r][t]);
+}
+
+// O[r][c0, c0 + W CB) += sum_j S[r * ss + j] v[j][c0, ...) over the block's n keys for RT rows,
+// the output band in registers for the whole block; next-block rows prefetched as in the
+// AVX-512 tile.
+template <int RT, int CB, typename A, typename T, typename Prefetch>
+inline void value_tile_vec(A* O, int64_t Dv, int64_t c0, const A* S, int64_t ss, const T* const* v, int64_t n,
+                           const Prefetch& pf) {
+  using V = at::vec::Vectorized<A>;
+  constexpr int64_t W = V::size();
+  int64_t cnt[CB];  // the band's columns in each chunk (W, fewer in the last, <= 0 past Dv)
+  for (int cb = 0; cb < CB; ++cb) cnt[cb] = std::min<int64_t>(W, Dv - c0 - cb * W);
+  V acc[RT][CB];
+  for (int r = 0; r < RT; ++r)
+    for (int cb = 0; cb < CB; ++cb) {
+      const A* o = O + r * Dv + c0 + cb * W;
+      acc[r][cb] = cnt[cb] == W ? V::loadu(o) : cnt[cb] > 0 ? V::loadu(o, cnt[cb]) : V(A(0));
+    }
+  for (int64_t j = 0; j < n; ++j) {
+    if (j < pf.count) prefetch_row_l2(pf.rows[j], pf.bytes);
+    V p[RT];
+    for (int r = 0; r < RT; ++r) p[r] = V(S[r * ss + j]);
+    const T* vj = v[j] + c0;
+    for (int cb = 0; cb < CB; ++cb) {
+      if (cnt[cb] <= 0) continue;
+      const V vc = cnt[cb] == W ? load_as<A>(vj + cb * W) : load_part_as<A>(vj + cb * W, cnt[cb]);
+      for (int r = 0; r < RT; ++r) acc[r][cb] = at::vec::fmadd(p[r], vc, acc[r][cb]);
+    }
+  }
+  for (int r = 0; r < RT; ++r)
+    for (int cb = 0; cb < CB; ++cb) {
+      A* o = O + r * Dv + c0 + cb * W;
+      if (cnt[cb] == W) acc[r][cb].store(o);
+      else if (cnt[cb] > 0) acc[r][cb].store(o, cnt[cb]);
+    }
+}
+
+// Row tiles of the portable path: 4, 2 or 1 rows.
+inline int row_tile_vec(int64_t rows_left) { return rows_left >= 4 ? 4 : rows_left >= 2 ? 2 : 1; }
 
 #if defined(CPU_CAPABILITY_AVX512)
 // 16 lanes of T as floats; lanes past `count` read as 0 (masked loads never touch them).
@@ -423,9 +466,21 @@ inline void score_block(const A* Q, int64_t R, int64_t D, const T* const* kp, in
     return;
   }
 #endif
-  for (int64_t j = 0; j < n; j += 4) {  // four keys at a time, read once for every row
-    prefetch(j, 4);
-    for (int64_t r = 0; r < R; ++r) dot_keys<A, T>(Q + r * D, kp + j, std::min<int64_t>(4, n - j), D, S + r * kDecodeBlock + j);
+  for (int64_t r0 = 0; r0 < R; r0 += row_tile_vec(R - r0)) {
+    const A* q = Q + r0 * D;
+    A* s = S + r0 * kDecodeBlock;
+    const bool first = r0 == 0;
+    switch (row_tile_vec(R - r0)) {
+#define SEQKERNELS_SCORE_TILE(RT, KB)                                      \
+  case RT:                                                                 \
+    for (int64_t j = 0; j < n; j += KB) {                                  \
+      if (first) prefetch(j, KB);                                          \
+      score_tile_vec<RT, KB, A, T>(q, D, kp + j, s + j, kDecodeBlock);     \
+    }                                                                      \
+    break;
+      SEQKERNELS_SCORE_TILE(4, 2) SEQKERNELS_SCORE_TILE(2, 4) SEQKERNELS_SCORE_TILE(1, 4)
+#undef SEQKERNELS_SCORE_TILE
+    }
   }
 }
 
@@ -464,9 +519,21 @@ inline void value_block(A* O, int64_t R, int64_t Dv, const A* S, const T* const*
     return;
   }
 #endif
-  for (int64_t j = 0; j < next_keys.count; ++j) prefetch_row_l2(next_keys.rows[j], next_keys.bytes);
-  for (int64_t j = 0; j < n; j += 4) {
-    for (int64_t r = 0; r < R; ++r) axpy_keys<A, T>(O + r * Dv, S + r * kDecodeBlock + j, vp + j, std::min<int64_t>(4, n - j), Dv);
+  constexpr int64_t W = at::vec::Vectorized<A>::size();
+  const RowPrefetch<T> none;
+  for (int64_t r0 = 0; r0 < R; r0 += row_tile_vec(R - r0)) {
+    const int rt = row_tile_vec(R - r0);
+    A* o = O + r0 * Dv;
+    const A* s = S + r0 * kDecodeBlock;
+    const int cb = 8 / std::max(rt, 1);  // bands of 8 / rt chunks (8 accumulators)
+    for (int64_t c = 0; c < Dv; c += cb * W) {
+      const RowPrefetch<T>& pf = r0 == 0 && c == 0 ? next_keys : none;
+      switch (rt) {
+        case 4: value_tile_vec<4, 2, A, T>(o, Dv, c, s, kDecodeBlock, vp, n, pf); break;
+        case 2: value_tile_vec<2, 4, A, T>(o, Dv, c, s, kDecodeBlock, vp, n, pf); break;
+        default: value_tile_vec<1, 8, A, T>(o, Dv, c, s, kDecodeBlock, vp, n, pf); break;
+      }
+    }
   }
 }
 

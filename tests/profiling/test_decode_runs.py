@@ -36,3 +36,9 @@ def test_main_writes_both_files(tiny, tmp_path):
     assert {"machine", "date", "read_GBps_1GiB"} <= set(both["meta"])
     for r in both["rows"]:
         assert r["bf16_speedup"] == pytest.approx(r["float32_ms"] / r["bfloat16_ms"])
+
+
+def test_suffix_names_the_files(tiny, tmp_path):
+    decode.main(["--out", str(tmp_path), "--suffix", "_avx2"])
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["decode_bf16_vs_f32_cpu_avx2.json",
+                                                          "decode_issue_shapes_cpu_avx2.json"]

@@ -144,8 +144,9 @@ def run_bf16_vs_f32(repeat: int = 11) -> list[dict]:
 
 
 def main(argv=None) -> None:
-    """``python -m seqkernels.profiling.decode [--out DIR]``: the issue's shapes and the bf16 /
-    float32 comparison, into decode_issue_shapes_cpu.json and decode_bf16_vs_f32_cpu.json."""
+    """``python -m seqkernels.profiling.decode [--out DIR] [--suffix S]``: the issue's shapes and
+    the bf16 / float32 comparison, into decode_issue_shapes_cpu{S}.json and
+    decode_bf16_vs_f32_cpu{S}.json (the CPU capability that ran is in the metadata)."""
     import argparse
     import datetime
     import json
@@ -154,6 +155,7 @@ def main(argv=None) -> None:
 
     ap = argparse.ArgumentParser(description=main.__doc__)
     ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--suffix", default="", help="appended to the file names (e.g. _avx2 for a forced capability)")
     args = ap.parse_args(argv)
     cpu = platform.machine()
     try:
@@ -175,6 +177,7 @@ def main(argv=None) -> None:
          run_bf16_vs_f32),
     ]:
         rows = fn()
+        name = name.replace(".json", f"{args.suffix}.json")
         with open(os.path.join(args.out, name), "w") as f:
             json.dump({"meta": dict(what=what, machine=machine, date=date, **bw), "rows": rows}, f, indent=1)
         for r in rows:
