@@ -76,6 +76,41 @@ struct BlockPrefetch {
   }
 };
 
+// Calls tile(RT, KB, r0, j) (RT and KB as std::integral_constant) over the R rows of a block in
+// row tiles and its n keys in steps of the tile's KB, prefetching on the first row tile's pass:
+// row tiles of 8, 4, 2, 1 rows with 2, 4, 8, 8 keys for the AVX-512 tiles (32 registers), of 4,
+// 2, 1 rows with 2, 4, 4 keys for the portable ones (16).
+template <int RT, int KB, typename Tile, typename Prefetch>
+inline void score_rows(int64_t r0, int64_t n, const Prefetch& prefetch, Tile& tile) {
+  for (int64_t j = 0; j < n; j += KB) {
+    if (r0 == 0) prefetch(j, KB);
+    tile(std::integral_constant<int, RT>{}, std::integral_constant<int, KB>{}, r0, j);
+  }
+}
+template <bool Wide, typename Tile, typename Prefetch>
+inline void over_score_tiles(int64_t R, int64_t n, const Prefetch& prefetch, Tile&& tile) {
+  for (int64_t r0 = 0; r0 < R;) {
+    const int64_t left = R - r0;
+    if constexpr (Wide) {
+      if (left >= 8) {
+        score_rows<8, 2>(r0, n, prefetch, tile);
+        r0 += 8;
+        continue;
+      }
+    }
+    if (left >= 4) {
+      score_rows<4, Wide ? 4 : 2>(r0, n, prefetch, tile);
+      r0 += 4;
+    } else if (left >= 2) {
+      score_rows<2, Wide ? 8 : 4>(r0, n, prefetch, tile);
+      r0 += 2;
+    } else {
+      score_rows<1, Wide ? 8 : 4>(r0, n, prefetch, tile);
+      r0 += 1;
+    }
+  }
+}
+
 // The same from the first `count` (0 < count < size) elements, the other lanes 0.
 template <typename A, typename T>
 inline at::vec::Vectorized<A> load_part_as(const T* p, int64_t count) {
@@ -353,22 +388,10 @@ inline void value_tile_bf16(float* O, int64_t Dv, int64_t c0, const int32_t* Pw,
 inline void score_block_bf16(const c10::BFloat16* Qb, int64_t R, int64_t Dp, int64_t D,
                              const c10::BFloat16* const* kp, int64_t n, float scale, float* S,
                              const BlockPrefetch<c10::BFloat16>& prefetch) {
-  for (int64_t r0 = 0; r0 < R; r0 += row_tile(R - r0)) {
-    const c10::BFloat16* q = Qb + r0 * Dp;
-    float* s = S + r0 * kDecodeBlock;
-    const bool first = r0 == 0;
-    switch (row_tile(R - r0)) {
-#define SEQKERNELS_SCORE_TILE(RT, KB)                                           \
-  case RT:                                                                      \
-    for (int64_t j = 0; j < n; j += KB) {                                       \
-      if (first) prefetch(j, KB);                                               \
-      score_tile_bf16<RT, KB>(q, Dp, D, kp + j, scale, s + j, kDecodeBlock);    \
-    }                                                                           \
-    break;
-      SEQKERNELS_SCORE_TILE(8, 2) SEQKERNELS_SCORE_TILE(4, 4) SEQKERNELS_SCORE_TILE(2, 8) SEQKERNELS_SCORE_TILE(1, 8)
-#undef SEQKERNELS_SCORE_TILE
-    }
-  }
+  over_score_tiles<true>(R, n, prefetch, [&](auto rt, auto kb, int64_t r0, int64_t j) {
+    score_tile_bf16<decltype(rt)::value, decltype(kb)::value>(Qb + r0 * Dp, Dp, D, kp + j, scale,
+                                                              S + r0 * kDecodeBlock + j, kDecodeBlock);
+  });
 }
 
 // O += P V for the block, P rounded to bf16 pairs from the fp32 probabilities in S.
@@ -428,60 +451,20 @@ inline void score_block(const A* Q, int64_t R, int64_t D, const T* const* kp, in
 #if defined(CPU_CAPABILITY_AVX512)
   if constexpr (std::is_same_v<A, float>) {
     const bool full = D % 16 == 0;
-    for (int64_t r0 = 0; r0 < R; r0 += row_tile(R - r0)) {
+    over_score_tiles<true>(R, n, prefetch, [&](auto rt, auto kb, int64_t r0, int64_t j) {
+      constexpr int RT = decltype(rt)::value, KB = decltype(kb)::value;
       const float* q = Q + r0 * D;
-      float* s = S + r0 * kDecodeBlock;
-      const bool first = r0 == 0;
-      switch (row_tile(R - r0)) {
-        case 8:
-          for (int64_t j = 0; j < n; j += 2) {
-            if (first) prefetch(j, 2);
-            full ? score_tile<8, 2, true, T>(q, D, kp + j, s + j, kDecodeBlock)
-                 : score_tile<8, 2, false, T>(q, D, kp + j, s + j, kDecodeBlock);
-          }
-          break;
-        case 4:
-          for (int64_t j = 0; j < n; j += 4) {
-            if (first) prefetch(j, 4);
-            full ? score_tile<4, 4, true, T>(q, D, kp + j, s + j, kDecodeBlock)
-                 : score_tile<4, 4, false, T>(q, D, kp + j, s + j, kDecodeBlock);
-          }
-          break;
-        case 2:
-          for (int64_t j = 0; j < n; j += 8) {
-            if (first) prefetch(j, 8);
-            full ? score_tile<2, 8, true, T>(q, D, kp + j, s + j, kDecodeBlock)
-                 : score_tile<2, 8, false, T>(q, D, kp + j, s + j, kDecodeBlock);
-          }
-          break;
-        default:
-          for (int64_t j = 0; j < n; j += 8) {
-            prefetch(j, 8);
-            full ? score_tile<1, 8, true, T>(q, D, kp + j, s + j, kDecodeBlock)
-                 : score_tile<1, 8, false, T>(q, D, kp + j, s + j, kDecodeBlock);
-          }
-          break;
-      }
-    }
+      float* s = S + r0 * kDecodeBlock + j;
+      full ? score_tile<RT, KB, true, T>(q, D, kp + j, s, kDecodeBlock)
+           : score_tile<RT, KB, false, T>(q, D, kp + j, s, kDecodeBlock);
+    });
     return;
   }
 #endif
-  for (int64_t r0 = 0; r0 < R; r0 += row_tile_vec(R - r0)) {
-    const A* q = Q + r0 * D;
-    A* s = S + r0 * kDecodeBlock;
-    const bool first = r0 == 0;
-    switch (row_tile_vec(R - r0)) {
-#define SEQKERNELS_SCORE_TILE(RT, KB)                                      \
-  case RT:                                                                 \
-    for (int64_t j = 0; j < n; j += KB) {                                  \
-      if (first) prefetch(j, KB);                                          \
-      score_tile_vec<RT, KB, A, T>(q, D, kp + j, s + j, kDecodeBlock);     \
-    }                                                                      \
-    break;
-      SEQKERNELS_SCORE_TILE(4, 2) SEQKERNELS_SCORE_TILE(2, 4) SEQKERNELS_SCORE_TILE(1, 4)
-#undef SEQKERNELS_SCORE_TILE
-    }
-  }
+  over_score_tiles<false>(R, n, prefetch, [&](auto rt, auto kb, int64_t r0, int64_t j) {
+    score_tile_vec<decltype(rt)::value, decltype(kb)::value, A, T>(Q + r0 * D, D, kp + j, S + r0 * kDecodeBlock + j,
+                                                                   kDecodeBlock);
+  });
 }
 
 // O (R rows of Dv) += P V over the block's n keys vp[0, n), P the block's probabilities in S.
