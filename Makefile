@@ -30,11 +30,13 @@ test-cpu-paths: $(BUILD_STAMP)
 		SEQKERNELS_CPU_CAPABILITY=$$cap $(VPY) -m pytest tests/ops -q -p no:cacheprovider || exit 1; \
 	done
 
-# About 26 minutes on the 2-core CPU machine (speed sweep of every op family, 3.5 min; decode, 3 min;
+# About 27 minutes on the 2-core CPU machine (speed sweep of every op family, 3.5 min; decode, 3 min,
+# its issue shapes and bf16-vs-float32 runs, 0.5 min;
 # a small Llama in transformers, 15 min; then memory).
 bench: $(BUILD_STAMP)
 	$(VPY) -m seqkernels.bench speed --device cpu --out bench/results
 	$(VPY) -m seqkernels.bench speed --device cpu --ops decode --out bench/results
+	$(VPY) -m seqkernels.profiling.decode --out bench/results
 	$(VPY) -m seqkernels.bench speed --device cpu --ops transformers --out bench/results
 	$(VPY) -m seqkernels.bench memory --device cpu --out bench/results
 
