@@ -634,7 +634,6 @@ void decode_forward(const DecodeDims& d, const Masking<A>& mk, const KVRows<T>& 
         } else {
           score_block<A, T>(Q, R, d.D, KP, n, S, prefetch);
         }
-        
         for (int64_t r = 0; r < R; ++r) {
           A* srow = S + r * kDecodeBlock;
           const int64_t h = hk * d.G + r / d.Lq, i = r % d.Lq;
