@@ -258,8 +258,8 @@ def test_decode_kernel_equals_general_kernel_switch(causal, G, Lq, Lk):
     torch.testing.assert_close(a[1], e[1], rtol=2e-5, atol=2e-6)
 
 
-@pytest.mark.parametrize("D, Dv", [(576, 512), (192, 128), (300, 300)])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("D, Dv", [(576, 512), (192, 128), (300, 300), (1024, 1000)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 def test_large_and_unequal_head_dims_in_a_step(D, Dv, dtype):
     # MLA's shapes (576 / 512, 192 / 128) and a head dim past 256
     _check(H=4, Hk=1, D=D, Dv=Dv, Lq=2, Lnew=2, seqlens=(3, 300, 41), dtype=dtype)
