@@ -385,3 +385,26 @@ def test_split_k_chunks_in_each_dtype(dtype):
     torch.testing.assert_close(split[0].double(), e, rtol=tol, atol=tol)
     torch.testing.assert_close(split[1].double(), el, rtol=tol, atol=tol)
     torch.testing.assert_close(split[0].double(), one[0].double(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("G", [1, 4, 16])
+@pytest.mark.parametrize("where,value", [("k", float("nan")), ("v", float("nan")), ("q", float("nan")),
+                                         ("k", float("inf")), ("k", float("-inf")), ("v", float("inf"))])
+def test_nan_and_inf_as_torch_places_them(dtype, G, where, value):
+    """A NaN or infinity in one element of q, K or V: the decode kernel's output has NaN exactly
+    where torch's own SDPA has it, and its other elements match torch's. bf16 inputs are
+    compared with torch's SDPA on their float32 values: torch's own bf16 CPU path returns
+    finite rows where a score is +inf (softmax's inf - inf), its float32 path and ours NaN."""
+    g = torch.Generator().manual_seed(G)
+    q = torch.randn(2, 2 * G, 1, 64, generator=g).to(dtype)
+    k, v = (torch.randn(2, 2, 300, 64, generator=g).to(dtype) for _ in range(2))
+    {"q": q, "k": k, "v": v}[where][1, 1, 0 if where == "q" else 123, 5] = value
+    out = seqkernels.flash_attention(q, k, v)
+    with torch.no_grad():
+        t = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), enable_gqa=True)
+    assert torch.equal(out.isnan(), t.isnan())
+    fin = ~t.isnan()
+    assert torch.equal(out.isinf(), t.isinf())
+    tol = 2e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(out[fin].double(), t[fin].double(), rtol=tol, atol=tol)
