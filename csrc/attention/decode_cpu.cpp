@@ -229,6 +229,23 @@ inline __m128 reduce4(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
   return _mm512_castps512_ps128(_mm512_permutexvar_ps(idx, u));
 }
 
+// The RT x KB dot products of a score tile, reduced four at a time, through finish (the
+// native bf16 path scales them there), into S[r * ss + t].
+template <int RT, int KB, typename Finish>
+inline void store_scores(const __m512 (&acc)[RT][KB], float* S, int64_t ss, Finish finish) {
+  for (int f = 0; f < RT * KB; f += 4) {
+    const int r = f / KB, t = f % KB;
+    const __m128 s4 = finish(reduce4(acc[r][t], acc[(f + 1) / KB][(f + 1) % KB], acc[(f + 2) / KB][(f + 2) % KB],
+                                     acc[(f + 3) / KB][(f + 3) % KB]));
+    if constexpr (KB >= 4) {
+      _mm_storeu_ps(S + r * ss + t, s4);
+    } else {  // KB == 2: two keys of rows r and r + 1
+      _mm_storel_pi(reinterpret_cast<__m64*>(S + r * ss), s4);
+      _mm_storeh_pi(reinterpret_cast<__m64*>(S + (r + 1) * ss), s4);
+    }
+  }
+}
+
 // Scores of RT query rows against KB keys, S[r * ss + t] = Q[r] . k[t]: each chunk of a key
 // row is loaded (and widened) once and meets every row of the tile; RT x KB accumulators in
 // registers, reduced four at a time.
@@ -247,17 +264,7 @@ inline void score_tile(const float* Q, int64_t D, const T* const* k, float* S, i
       for (int t = 0; t < KB; ++t) acc[r][t] = _mm512_fmadd_ps(qv, kc[t], acc[r][t]);
     }
   }
-  for (int f = 0; f < RT * KB; f += 4) {
-    const int r = f / KB, t = f % KB;
-    const __m128 s4 = reduce4(acc[r][t], acc[(f + 1) / KB][(f + 1) % KB], acc[(f + 2) / KB][(f + 2) % KB],
-                              acc[(f + 3) / KB][(f + 3) % KB]);
-    if constexpr (KB >= 4) {
-      _mm_storeu_ps(S + r * ss + t, s4);
-    } else {  // KB == 2: two keys of rows r and r + 1
-      _mm_storel_pi(reinterpret_cast<__m64*>(S + r * ss), s4);
-      _mm_storeh_pi(reinterpret_cast<__m64*>(S + (r + 1) * ss), s4);
-    }
-  }
+  store_scores(acc, S, ss, [](__m128 s4) { return s4; });
 }
 
 // O[r][c0, c0 + 16 CB) += sum_j S[r * ss + j] v[j][c0, ...) over the n keys of a block, for RT
@@ -321,17 +328,7 @@ inline void score_tile_bf16(const c10::BFloat16* Qb, int64_t Dp, int64_t D, cons
     }
   }
   const __m128 sc = _mm_set1_ps(scale);
-  for (int f = 0; f < RT * KB; f += 4) {
-    const int r = f / KB, t = f % KB;
-    const __m128 s4 = _mm_mul_ps(sc, reduce4(acc[r][t], acc[(f + 1) / KB][(f + 1) % KB],
-                                             acc[(f + 2) / KB][(f + 2) % KB], acc[(f + 3) / KB][(f + 3) % KB]));
-    if constexpr (KB >= 4) {
-      _mm_storeu_ps(S + r * ss + t, s4);
-    } else {
-      _mm_storel_pi(reinterpret_cast<__m64*>(S + r * ss), s4);
-      _mm_storeh_pi(reinterpret_cast<__m64*>(S + (r + 1) * ss), s4);
-    }
-  }
+  store_scores(acc, S, ss, [sc](__m128 s4) { return _mm_mul_ps(sc, s4); });
 }
 
 // O[r][c0, c0 + 32 CB) += sum_j P[r][j] v[j][...] over the block's n keys for RT rows, P in
@@ -576,13 +573,13 @@ void decode_forward(const DecodeDims& d, const Masking<A>& mk, const KVRows<T>& 
   const int64_t grain = work < (1 << 18) ? d.B * d.Hk * nchunks : 1;
   at::parallel_for(0, d.B * d.Hk * nchunks, grain, [&](int64_t begin, int64_t end) {
     auto& sc = DecodeScratch<A>::get();
-    sc.q.resize(std::is_same_v<T, c10::BFloat16> && kNativeBf16Decode ? 0 : R * d.D);
+    constexpr bool native = kNativeBf16Decode && std::is_same_v<T, c10::BFloat16>;
+    sc.q.resize(native ? 0 : R * d.D);
     sc.s.resize(R * kDecodeBlock);
     sc.o.resize(R * d.Dv);
     sc.m.resize(R);
     sc.l.resize(R);
     A *Q = sc.q.data(), *S = sc.s.data(), *O = sc.o.data(), *M = sc.m.data(), *L = sc.l.data();
-    constexpr bool native = kNativeBf16Decode && std::is_same_v<T, c10::BFloat16>;
     const int64_t Dp = (d.D + 31) / 32 * 32;
     c10::BFloat16* Qb = nullptr;
     int32_t* PW = nullptr;
@@ -592,9 +589,10 @@ void decode_forward(const DecodeDims& d, const Masking<A>& mk, const KVRows<T>& 
       Qb = sc.qb.data();
       PW = sc.pw.data();
     }
-    const T* KP[kDecodeBlock + kPrefetchRows + 8];
-    const T* VP[kDecodeBlock + 8];
-    const T* KN[kDecodeBlock];
+    // Key row pointers of this block (KP) and of the next (KN, filled while this block's
+    // values are read and swapped in), value row pointers of this block.
+    const T* kbuf[2][kDecodeBlock + kPrefetchRows + 8];
+    const T* VP[kDecodeBlock];
     for (int64_t task = begin; task < end; ++task) {
       const int64_t chunk = task % nchunks, bhk = task / nchunks;
       const int64_t b = bhk / d.Hk, hk = bhk % d.Hk;
@@ -618,16 +616,18 @@ void decode_forward(const DecodeDims& d, const Masking<A>& mk, const KVRows<T>& 
       // keys before every row's window are never read (the chunks still split all of Lk)
       const int64_t j_lo = std::max(chunk * chunk_len, mk.key_begin(b, 0));
       const int64_t j_hi = std::min(row_end_max, chunk * chunk_len + chunk_len);
+      const T** KP = kbuf[0];
+      const T** KN = kbuf[1];
+      int64_t ready = 0;  // leading rows of KP already filled (by the block before)
       for (int64_t j0 = j_lo; j0 < j_hi; j0 += kDecodeBlock) {
         const int64_t n = std::min(kDecodeBlock, j_hi - j0);
         // Row pointers of the block and of the next block's first kPrefetchRows (the keys are
         // prefetched that far ahead: K and V stream from memory, and the hardware prefetcher
         // alone reached a third of the read bandwidth here), padded with the first row.
         const int64_t n_ahead = std::min(n + kPrefetchRows, j_hi - j0);
-        for (int64_t t = 0; t < n_ahead; ++t) KP[t] = kv.k_row(b, hk, j0 + t);
-        for (int64_t t = 0; t < n; ++t) VP[t] = kv.v_row(b, hk, j0 + t);
-        for (int64_t t = n; t < n + 8; ++t) VP[t] = VP[0];
+        for (int64_t t = ready; t < n_ahead; ++t) KP[t] = kv.k_row(b, hk, j0 + t);
         for (int64_t t = n_ahead; t < n + 8; ++t) KP[t] = KP[0];
+        for (int64_t t = 0; t < n; ++t) VP[t] = kv.v_row(b, hk, j0 + t);
         const BlockPrefetch<T> prefetch{KP, VP, n, n_ahead, d.D * int64_t(sizeof(T)), d.Dv * int64_t(sizeof(T))};
         if constexpr (native) {
           score_block_bf16(Qb, R, Dp, d.D, KP, n, scale, S, prefetch);
@@ -658,6 +658,8 @@ void decode_forward(const DecodeDims& d, const Masking<A>& mk, const KVRows<T>& 
         } else {
           value_block<A, T>(O, R, d.Dv, S, VP, n, next_keys);
         }
+        std::swap(KP, KN);
+        ready = n_next;
       }
       if (nchunks == 1) {
         for (int64_t r = 0; r < R; ++r) write_row(b, hk, r, M[r], L[r], O + r * d.Dv);
