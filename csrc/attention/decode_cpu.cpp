@@ -307,11 +307,26 @@ inline __mmask32 lanes32(int64_t count) {
   if (count <= 0) return 0;
   return count >= 32 ? __mmask32(0xFFFFFFFFu) : static_cast<__mmask32>((1u << count) - 1u);
 }
-inline __m512bh load32_bf16(const c10::BFloat16* p, __mmask32 m) { return (__m512bh)_mm512_maskz_loadu_epi16(m, p); }
+// 32 bf16 lanes, plain when every lane is present (Full), else masked (lanes past m read as 0).
+template <bool Full>
+inline __m512i load32_bf16(const c10::BFloat16* p, __mmask32 m) {
+  if constexpr (Full) return _mm512_loadu_si512(p);
+  else return _mm512_maskz_loadu_epi16(m, p);
+}
+template <bool Full>
+inline __m512 load16_f32(const float* p, __mmask16 m) {
+  if constexpr (Full) return _mm512_loadu_ps(p);
+  else return _mm512_maskz_loadu_ps(m, p);
+}
+template <bool Full>
+inline void store16_f32(float* p, __mmask16 m, __m512 x) {
+  if constexpr (Full) _mm512_storeu_ps(p, x);
+  else _mm512_mask_storeu_ps(p, m, x);
+}
 
 // S[r * ss + t] = scale * Qb[r] . k[t] for RT rows of Qb (bf16, row stride Dp: D rounded up to
 // 32, zero-padded) and KB keys.
-template <int RT, int KB>
+template <int RT, int KB, bool Full>
 inline void score_tile_bf16(const c10::BFloat16* Qb, int64_t Dp, int64_t D, const c10::BFloat16* const* k,
                             float scale, float* S, int64_t ss) {
   static_assert((RT * KB) % 4 == 0 && RT * KB <= 16, "tile of 4..16 accumulators");
@@ -321,7 +336,7 @@ inline void score_tile_bf16(const c10::BFloat16* Qb, int64_t Dp, int64_t D, cons
   for (int64_t c = 0; c < D; c += 32) {
     const __mmask32 m = lanes32(D - c);
     __m512bh kc[KB];
-    for (int t = 0; t < KB; ++t) kc[t] = load32_bf16(k[t] + c, m);
+    for (int t = 0; t < KB; ++t) kc[t] = (__m512bh)load32_bf16<Full>(k[t] + c, m);
     for (int r = 0; r < RT; ++r) {
       const __m512bh qv = (__m512bh)_mm512_loadu_si512(Qb + r * Dp + c);
       for (int t = 0; t < KB; ++t) acc[r][t] = _mm512_dpbf16_ps(acc[r][t], qv, kc[t]);
@@ -336,7 +351,7 @@ inline void score_tile_bf16(const c10::BFloat16* Qb, int64_t Dp, int64_t D, cons
 // with 0). Two value rows interleave into pairs (vpunpck{l,h}wd), which puts the columns of
 // each 32-column group in the order (0-3, 8-11, 16-19, 24-27 | 4-7, ...): the output band is
 // permuted into that order when loaded and back when stored.
-template <int RT, int CB>
+template <int RT, int CB, bool Full>
 inline void value_tile_bf16(float* O, int64_t Dv, int64_t c0, const int32_t* Pw, int64_t pw,
                             const c10::BFloat16* const* v, int64_t n, const RowPrefetch<c10::BFloat16>& pf) {
   // lo lane 4L + i holds column 8L + i, hi lane 4L + i column 8L + 4 + i (L the 128-bit lane)
@@ -350,8 +365,8 @@ inline void value_tile_bf16(float* O, int64_t Dv, int64_t c0, const int32_t* Pw,
   for (int r = 0; r < RT; ++r)
     for (int cb = 0; cb < CB; ++cb) {
       const float* o = O + r * Dv + c0 + 32 * cb;
-      const __m512 o0 = _mm512_maskz_loadu_ps(lanes(Dv - c0 - 32 * cb), o);
-      const __m512 o1 = _mm512_maskz_loadu_ps(lanes(Dv - c0 - 32 * cb - 16), o + 16);
+      const __m512 o0 = load16_f32<Full>(o, lanes(Dv - c0 - 32 * cb));
+      const __m512 o1 = load16_f32<Full>(o + 16, lanes(Dv - c0 - 32 * cb - 16));
       lo[r][cb] = _mm512_permutex2var_ps(o0, to_lo, o1);
       hi[r][cb] = _mm512_permutex2var_ps(o0, to_hi, o1);
     }
@@ -364,8 +379,8 @@ inline void value_tile_bf16(float* O, int64_t Dv, int64_t c0, const int32_t* Pw,
     __m512bh p[RT];
     for (int r = 0; r < RT; ++r) p[r] = (__m512bh)_mm512_set1_epi32(Pw[r * pw + jp]);
     for (int cb = 0; cb < CB; ++cb) {
-      const __m512i a = _mm512_maskz_loadu_epi16(m[cb], va + 32 * cb);
-      const __m512i b = pair ? _mm512_maskz_loadu_epi16(m[cb], vb + 32 * cb) : _mm512_setzero_si512();
+      const __m512i a = load32_bf16<Full>(va + 32 * cb, m[cb]);
+      const __m512i b = pair ? load32_bf16<Full>(vb + 32 * cb, m[cb]) : _mm512_setzero_si512();
       const __m512bh l = (__m512bh)_mm512_unpacklo_epi16(a, b), h = (__m512bh)_mm512_unpackhi_epi16(a, b);
       for (int r = 0; r < RT; ++r) {
         lo[r][cb] = _mm512_dpbf16_ps(lo[r][cb], p[r], l);
@@ -376,8 +391,8 @@ inline void value_tile_bf16(float* O, int64_t Dv, int64_t c0, const int32_t* Pw,
   for (int r = 0; r < RT; ++r)
     for (int cb = 0; cb < CB; ++cb) {
       float* o = O + r * Dv + c0 + 32 * cb;
-      _mm512_mask_storeu_ps(o, lanes(Dv - c0 - 32 * cb), _mm512_permutex2var_ps(lo[r][cb], from0, hi[r][cb]));
-      _mm512_mask_storeu_ps(o + 16, lanes(Dv - c0 - 32 * cb - 16), _mm512_permutex2var_ps(lo[r][cb], from1, hi[r][cb]));
+      store16_f32<Full>(o, lanes(Dv - c0 - 32 * cb), _mm512_permutex2var_ps(lo[r][cb], from0, hi[r][cb]));
+      store16_f32<Full>(o + 16, lanes(Dv - c0 - 32 * cb - 16), _mm512_permutex2var_ps(lo[r][cb], from1, hi[r][cb]));
     }
 }
 
@@ -385,9 +400,13 @@ inline void value_tile_bf16(float* O, int64_t Dv, int64_t c0, const int32_t* Pw,
 inline void score_block_bf16(const c10::BFloat16* Qb, int64_t R, int64_t Dp, int64_t D,
                              const c10::BFloat16* const* kp, int64_t n, float scale, float* S,
                              const BlockPrefetch<c10::BFloat16>& prefetch) {
+  const bool full = D % 32 == 0;
   over_score_tiles<true>(R, n, prefetch, [&](auto rt, auto kb, int64_t r0, int64_t j) {
-    score_tile_bf16<decltype(rt)::value, decltype(kb)::value>(Qb + r0 * Dp, Dp, D, kp + j, scale,
-                                                              S + r0 * kDecodeBlock + j, kDecodeBlock);
+    constexpr int RT = decltype(rt)::value, KB = decltype(kb)::value;
+    const c10::BFloat16* q = Qb + r0 * Dp;
+    float* s = S + r0 * kDecodeBlock + j;
+    full ? score_tile_bf16<RT, KB, true>(q, Dp, D, kp + j, scale, s, kDecodeBlock)
+         : score_tile_bf16<RT, KB, false>(q, Dp, D, kp + j, scale, s, kDecodeBlock);
   });
 }
 
@@ -418,7 +437,10 @@ inline void value_block_bf16(float* O, int64_t R, int64_t Dv, const float* S, in
       const int cb = static_cast<int>(std::min<int64_t>(8 / std::max(rt, 2), left >= 4 ? 4 : left >= 2 ? 2 : 1));
       switch (rt * 16 + cb) {
 #define SEQKERNELS_VALUE_TILE(RT, CB) \
-  case RT * 16 + CB: value_tile_bf16<RT, CB>(o, Dv, c, p, pw, vp, n, first ? next_keys : none); break;
+  case RT * 16 + CB:                                                                          \
+    if (c + 32 * CB <= Dv) value_tile_bf16<RT, CB, true>(o, Dv, c, p, pw, vp, n, first ? next_keys : none); \
+    else value_tile_bf16<RT, CB, false>(o, Dv, c, p, pw, vp, n, first ? next_keys : none);                  \
+    break;
         SEQKERNELS_VALUE_TILE(8, 1)
         SEQKERNELS_VALUE_TILE(4, 2) SEQKERNELS_VALUE_TILE(4, 1)
         SEQKERNELS_VALUE_TILE(2, 4) SEQKERNELS_VALUE_TILE(2, 2) SEQKERNELS_VALUE_TILE(2, 1)
