@@ -103,10 +103,12 @@ std::tuple<at::Tensor, at::Tensor> flash_attention_kvcache_cpu(
   TORCH_CHECK_VALUE(window_left >= -1 && window_right >= -1, kOp, ": window sizes must be >= -1 (-1 = unbounded), got (",
                     window_left, ", ", window_right, ")");
   // The values: every write must land inside the cache, every block id used must exist.
-  const at::Tensor seqlens = cache_seqlens.to(at::kLong).contiguous();
-  const int64_t* sl = seqlens.const_data_ptr<int64_t>();
-  std::vector<int64_t> lens(L.B);
+  // (read through the stride in either integer type: no converted copy for a decode step)
+  std::vector<int64_t> sl(L.B), lens(L.B);
+  const int64_t sl_stride = cache_seqlens.stride(0);
   for (int64_t b = 0; b < L.B; ++b) {
+    sl[b] = cache_seqlens.scalar_type() == at::kInt ? cache_seqlens.const_data_ptr<int32_t>()[b * sl_stride]
+                                                    : cache_seqlens.const_data_ptr<int64_t>()[b * sl_stride];
     TORCH_CHECK_VALUE(sl[b] >= 0 && sl[b] + L.Lnew <= L.capacity, kOp, ": cache_seqlens[", b, "] = ", sl[b],
                       " plus ", L.Lnew, " new keys must fit the cache's ", L.capacity, " positions");
     lens[b] = sl[b] + L.Lnew;
@@ -146,7 +148,10 @@ std::tuple<at::Tensor, at::Tensor> flash_attention_kvcache_cpu(
       const T* vs = v.const_data_ptr<T>();
       T* kd = k_cache.mutable_data_ptr<T>();
       T* vd = v_cache.mutable_data_ptr<T>();
-      at::parallel_for(0, L.B * L.Hk, 1, [&](int64_t begin, int64_t end) {
+      // a decode step's few rows are copied on this thread: waking the pool costs more
+      const int64_t task_bytes = L.Lnew * (L.D + L.Dv) * int64_t(sizeof(T));
+      at::parallel_for(0, L.B * L.Hk, std::max<int64_t>(1, (int64_t(1) << 18) / std::max<int64_t>(task_bytes, 1)),
+                       [&](int64_t begin, int64_t end) {
         for (int64_t bhk = begin; bhk < end; ++bhk) {
           const int64_t b = bhk / L.Hk, hk = bhk % L.Hk;
           for (int64_t t = 0; t < L.Lnew; ++t) {

@@ -20,7 +20,7 @@ from ..reference.attention import kvcache_attention as _reference_kvcache
 from ._common import script_unsupported
 from .attention import MAX_HEAD_DIM, MAX_HEAD_DIM_CPU, _check_alibi, _check_softcap, _check_window
 
-_op = torch.ops.seqkernels.flash_attention_kvcache
+_op = torch.ops.seqkernels.flash_attention_kvcache.default  # the overload: no packet lookup per step
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _FN = "flash_attention_with_kvcache"
 
@@ -49,89 +49,104 @@ torch.library.impl("seqkernels::flash_attention_kvcache", "CUDA", func=_cuda)
 
 def _check(q, k_cache, v_cache, k, v, cache_seqlens, block_table) -> tuple[Tensor, Optional[Tensor]]:
     """The checks of every argument, values included, before anything is written.
-    Returns cache_seqlens as a (B,) tensor and the block table."""
-    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("k", k), ("v", v)):
-        if t is None and name in ("k", "v"):
+    Returns cache_seqlens as a (B,) tensor and the block table.
+
+    Written for a decode step's fixed cost (this runs once per generated token): each shape,
+    dtype and device is read once, and the messages are only formatted on failure."""
+    new = k is not None or v is not None
+    named = (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)) + ((("k", k), ("v", v)) if new else ())
+    if not isinstance(q, Tensor):
+        raise ArgumentTypeError(f"{_FN}: q must be a torch.Tensor, got {type(q).__name__}")
+    dt, dev = q.dtype, q.device
+    for name, t in named:
+        if t is None:
             continue
         if not isinstance(t, Tensor):
             raise ArgumentTypeError(f"{_FN}: {name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
             raise ArgumentError(f"{_FN}: {name} must be 4-D, got shape {tuple(t.shape)}")
-        if t.dtype != q.dtype:
-            raise ArgumentTypeError(f"{_FN}: {name} must have q's dtype {q.dtype}, got {t.dtype}")
-        if t.device != q.device:
-            raise ArgumentError(f"{_FN}: {name} must be on q's device {q.device}, got {t.device}")
-    if q.dtype not in _DTYPES:
-        raise ArgumentTypeError(f"{_FN}: q must be float16, bfloat16, float32 or float64, got {q.dtype}")
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k_cache, v_cache, k, v)):
+        if t.dtype != dt:
+            raise ArgumentTypeError(f"{_FN}: {name} must have q's dtype {dt}, got {t.dtype}")
+        if t.device != dev:
+            raise ArgumentError(f"{_FN}: {name} must be on q's device {dev}, got {t.device}")
+    if dt not in _DTYPES:
+        raise ArgumentTypeError(f"{_FN}: q must be float16, bfloat16, float32 or float64, got {dt}")
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for _, t in named):
         raise ArgumentError(f"{_FN}: inference only (the caches are written in place and no gradient is "
                             "computed); call it under torch.no_grad() or with tensors that do not require grad")
-    B, H, Lq, D = q.shape
-    Hk, Dv = k_cache.shape[1], v_cache.shape[3]
-    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
-        if not t.is_contiguous():
-            raise ArgumentError(f"{_FN}: {name} must be contiguous (it is written in place)")
-    if k_cache.shape[3] != D:
-        raise ArgumentError(f"{_FN}: k_cache's head dim {k_cache.shape[3]} must be q's {D}")
-    if tuple(v_cache.shape[:3]) != tuple(k_cache.shape[:3]):
-        raise ArgumentError(f"{_FN}: k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} must agree "
-                            "but for the head dim")
+    (B, H, Lq, D), ks, vs = q.shape, k_cache.shape, v_cache.shape
+    Hk, Dv = ks[1], vs[3]
+    if not k_cache.is_contiguous() or not v_cache.is_contiguous():
+        name = "k_cache" if not k_cache.is_contiguous() else "v_cache"
+        raise ArgumentError(f"{_FN}: {name} must be contiguous (it is written in place)")
+    if ks[3] != D:
+        raise ArgumentError(f"{_FN}: k_cache's head dim {ks[3]} must be q's {D}")
+    if vs[:3] != ks[:3]:
+        raise ArgumentError(f"{_FN}: k_cache {tuple(ks)} and v_cache {tuple(vs)} must agree but for the head dim")
     if Hk == 0 or H % Hk != 0:
         raise ArgumentError(f"{_FN}: the query heads ({H}) must be a multiple of the cache's kv heads ({Hk})")
     if D == 0 or Dv == 0:
         raise ArgumentError(f"{_FN}: head dims must be positive")
-    top = MAX_HEAD_DIM_CPU if q.device.type == "cpu" else MAX_HEAD_DIM
-    if max(D, Dv) > top:
-        raise ArgumentError(f"{_FN}: head dims up to {top} on {q.device.type} (the CPU kernels take up to "
+    cpu = q.is_cpu
+    top = MAX_HEAD_DIM_CPU if cpu else MAX_HEAD_DIM
+    if D > top or Dv > top:
+        raise ArgumentError(f"{_FN}: head dims up to {top} on {dev.type} (the CPU kernels take up to "
                             f"{MAX_HEAD_DIM_CPU}, the GPU kernels {MAX_HEAD_DIM}), got {D} and {Dv}")
     if block_table is not None:
         if not isinstance(block_table, Tensor) or block_table.dtype != torch.int32 or block_table.dim() != 2 \
                 or block_table.shape[0] != B:
             raise ArgumentTypeError(f"{_FN}: block_table must be an int32 tensor of shape (batch, max_blocks) = "
                                     f"({B}, max_blocks)")
-        if block_table.device != q.device:
-            raise ArgumentError(f"{_FN}: block_table must be on {q.device}")
-        capacity = block_table.shape[1] * k_cache.shape[2]
+        if block_table.device != dev:
+            raise ArgumentError(f"{_FN}: block_table must be on {dev}")
+        capacity = block_table.shape[1] * ks[2]
     else:
-        if k_cache.shape[0] != B:
-            raise ArgumentError(f"{_FN}: k_cache's batch {k_cache.shape[0]} must be q's {B} (pass block_table for "
-                                "a paged cache)")
-        capacity = k_cache.shape[2]
-    if (k is None) != (v is None):
-        raise ArgumentError(f"{_FN}: k and v must be given together")
+        if ks[0] != B:
+            raise ArgumentError(f"{_FN}: k_cache's batch {ks[0]} must be q's {B} (pass block_table for a paged "
+                                "cache)")
+        capacity = ks[2]
     Lnew = 0
-    if k is not None:
-        if tuple(k.shape[:2]) != (B, Hk) or k.shape[3] != D:
+    if new:
+        if k is None or v is None:
+            raise ArgumentError(f"{_FN}: k and v must be given together")
+        kn, vn = k.shape, v.shape
+        if kn[0] != B or kn[1] != Hk or kn[3] != D:
             raise ArgumentError(f"{_FN}: k must be (batch, kv_heads, Lnew, head_dim) = ({B}, {Hk}, Lnew, {D}), "
-                                f"got {tuple(k.shape)}")
-        Lnew = k.shape[2]
-        if tuple(v.shape) != (B, Hk, Lnew, Dv):
-            raise ArgumentError(f"{_FN}: v must be {(B, Hk, Lnew, Dv)}, got {tuple(v.shape)}")
+                                f"got {tuple(kn)}")
+        Lnew = kn[2]
+        if vn != (B, Hk, Lnew, Dv):
+            raise ArgumentError(f"{_FN}: v must be {(B, Hk, Lnew, Dv)}, got {tuple(vn)}")
     if cache_seqlens is None:
         if Lnew:
             raise ArgumentError(f"{_FN}: cache_seqlens is needed to append k and v")
         cache_seqlens = capacity
+    lens = None
     if isinstance(cache_seqlens, int):
-        cache_seqlens = torch.full((B,), cache_seqlens, dtype=torch.int32, device=q.device)
-    if not isinstance(cache_seqlens, Tensor) or cache_seqlens.dtype not in (torch.int32, torch.int64) \
+        lens = [cache_seqlens]
+        cache_seqlens = torch.full((B,), cache_seqlens, dtype=torch.int32, device=dev)
+    elif not isinstance(cache_seqlens, Tensor) or cache_seqlens.dtype not in (torch.int32, torch.int64) \
             or cache_seqlens.shape != (B,):
         raise ArgumentTypeError(f"{_FN}: cache_seqlens must be an int or an int32/int64 tensor of shape ({B},)")
-    if cache_seqlens.device != q.device:
-        raise ArgumentError(f"{_FN}: cache_seqlens must be on {q.device}")
+    elif cache_seqlens.device != dev:
+        raise ArgumentError(f"{_FN}: cache_seqlens must be on {dev}")
     # the values: here on the CPU (the C++ op checks them again, for direct calls); a GPU op
     # body checks them itself, and so does every op body under torch.compile
-    if q.device.type == "cpu" and not torch.compiler.is_compiling():
-        _check_values(k_cache, cache_seqlens, block_table, Lnew, _FN)
+    if cpu and not torch.compiler.is_compiling():
+        _check_values(k_cache, cache_seqlens, block_table, Lnew, _FN, lens)
     return cache_seqlens, block_table
 
 
-def _check_values(k_cache, cache_seqlens, block_table, Lnew: int, fn: str) -> None:
-    """Every write inside the cache, every block id used inside the pool (before a write)."""
+def _check_values(k_cache, cache_seqlens, block_table, Lnew: int, fn: str, lens: Optional[list] = None) -> None:
+    """Every write inside the cache, every block id used inside the pool (before a write).
+    lens: the lengths as a list when the caller has them (a CPU step reads them as one: a
+    decode step's batch is small, and a list is cheaper than a reduction op)."""
     if cache_seqlens.numel() == 0:
         return
     rows = k_cache.shape[2]
     capacity = block_table.shape[1] * rows if block_table is not None else rows
-    lo, hi = (int(x) for x in torch.aminmax(cache_seqlens))
+    if lens is None and cache_seqlens.is_cpu:
+        lens = cache_seqlens.tolist()
+    lo, hi = (min(lens), max(lens)) if lens is not None else (int(x) for x in torch.aminmax(cache_seqlens))
     if lo < 0 or hi + Lnew > capacity:
         raise ArgumentError(f"{fn}: cache_seqlens + Lnew must lie in [0, {capacity}] (the cache's positions), "
                             f"got cache_seqlens in [{lo}, {hi}] with Lnew = {Lnew}")
