@@ -29,15 +29,23 @@ def machine_description(device: str) -> str:
     if device.startswith("cuda"):
         return torch.cuda.get_device_name()
     cpu = platform.processor() or platform.machine()
-    try:
+    try:  # the model name, and the family and model numbers (a VM may name only "AMD EPYC")
+        fields = {}
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key in ("model name", "cpu family", "model") and key not in fields:
+                    fields[key] = value.strip()
+                if not line.strip():
                     break
+        if "model name" in fields:
+            cpu = fields["model name"]
+            if "cpu family" in fields and "model" in fields:
+                cpu += f" (family {fields['cpu family']} model {fields['model']})"
     except OSError:
         pass
-    return f"{cpu}, {torch.get_num_threads()} threads"
+    return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
 
 
 def _metadata(device: str) -> dict:

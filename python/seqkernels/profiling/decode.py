@@ -151,19 +151,14 @@ def main(argv=None) -> None:
     import datetime
     import json
     import os
-    import platform
+
+    from ..cli import machine_description
 
     ap = argparse.ArgumentParser(description=main.__doc__)
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--suffix", default="", help="appended to the file names (e.g. _avx2 for a forced capability)")
     args = ap.parse_args(argv)
-    cpu = platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    machine = f"{cpu} ({os.cpu_count()} cores), {torch.get_num_threads()} threads, torch {torch.__version__}"
+    machine = f"{machine_description('cpu')}, torch {torch.__version__}"
     import seqkernels
     machine += f", cpu capability {seqkernels.build_info()['cpu_capability']}"
     date = datetime.date.today().isoformat()
