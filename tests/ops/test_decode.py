@@ -73,9 +73,13 @@ def test_dtypes_and_groups(dtype, G):
     _check(H=2 * G, Hk=2, dtype=dtype)
 
 
-@pytest.mark.parametrize("D,Dv", [(64, 64), (80, 80), (128, 128), (256, 256), (37, 19)])
-def test_head_dims(D, Dv):
-    _check(D=D, Dv=Dv, seqlens=(5, 0, 23))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("D,Dv", [(64, 64), (80, 80), (128, 128), (256, 256), (37, 19), (48, 80)])
+def test_head_dims(D, Dv, dtype):
+    """Head dims that fill whole vector chunks and ones that end inside one (80 = 64 + 16 in
+    32-lane bf16 chunks): a tile that loaded a whole chunk at a row's end would read the next
+    row, here a NaN one past the sequence's end."""
+    _check(D=D, Dv=Dv, seqlens=(5, 0, 23), dtype=dtype)
 
 
 @pytest.mark.parametrize("Lq,Lnew", [(1, 0), (1, 1), (2, 5), (5, 2), (17, 17), (3, 0), (16, 9)])
