@@ -212,6 +212,13 @@ inline __m512 load16(const T* p, __mmask16 m) {
   else return load16(p, m);
 }
 
+// 16 floats stored, plain when every lane is present (Full), else only the lanes of m.
+template <bool Full>
+inline void store16(float* p, __mmask16 m, __m512 x) {
+  if constexpr (Full) _mm512_storeu_ps(p, x);
+  else _mm512_mask_storeu_ps(p, m, x);
+}
+
 inline __mmask16 lanes(int64_t count) {
   if (count <= 0) return 0;
   return count >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << count) - 1u);
@@ -289,10 +296,7 @@ inline void value_tile(float* O, int64_t Dv, int64_t c0, const float* S, int64_t
     }
   }
   for (int r = 0; r < RT; ++r)
-    for (int cb = 0; cb < CB; ++cb) {
-      if constexpr (Full) _mm512_storeu_ps(O + r * Dv + c0 + 16 * cb, acc[r][cb]);
-      else _mm512_mask_storeu_ps(O + r * Dv + c0 + 16 * cb, m[cb], acc[r][cb]);
-    }
+    for (int cb = 0; cb < CB; ++cb) store16<Full>(O + r * Dv + c0 + 16 * cb, m[cb], acc[r][cb]);
 }
 
 // The largest row tile (8, 4, 2 or 1 rows) that fits the rows left.
@@ -312,16 +316,6 @@ template <bool Full>
 inline __m512i load32_bf16(const c10::BFloat16* p, __mmask32 m) {
   if constexpr (Full) return _mm512_loadu_si512(p);
   else return _mm512_maskz_loadu_epi16(m, p);
-}
-template <bool Full>
-inline __m512 load16_f32(const float* p, __mmask16 m) {
-  if constexpr (Full) return _mm512_loadu_ps(p);
-  else return _mm512_maskz_loadu_ps(m, p);
-}
-template <bool Full>
-inline void store16_f32(float* p, __mmask16 m, __m512 x) {
-  if constexpr (Full) _mm512_storeu_ps(p, x);
-  else _mm512_mask_storeu_ps(p, m, x);
 }
 
 // S[r * ss + t] = scale * Qb[r] . k[t] for RT rows of Qb (bf16, row stride Dp: D rounded up to
@@ -365,8 +359,8 @@ inline void value_tile_bf16(float* O, int64_t Dv, int64_t c0, const int32_t* Pw,
   for (int r = 0; r < RT; ++r)
     for (int cb = 0; cb < CB; ++cb) {
       const float* o = O + r * Dv + c0 + 32 * cb;
-      const __m512 o0 = load16_f32<Full>(o, lanes(Dv - c0 - 32 * cb));
-      const __m512 o1 = load16_f32<Full>(o + 16, lanes(Dv - c0 - 32 * cb - 16));
+      const __m512 o0 = load16<Full>(o, lanes(Dv - c0 - 32 * cb));
+      const __m512 o1 = load16<Full>(o + 16, lanes(Dv - c0 - 32 * cb - 16));
       lo[r][cb] = _mm512_permutex2var_ps(o0, to_lo, o1);
       hi[r][cb] = _mm512_permutex2var_ps(o0, to_hi, o1);
     }
@@ -391,8 +385,8 @@ inline void value_tile_bf16(float* O, int64_t Dv, int64_t c0, const int32_t* Pw,
   for (int r = 0; r < RT; ++r)
     for (int cb = 0; cb < CB; ++cb) {
       float* o = O + r * Dv + c0 + 32 * cb;
-      store16_f32<Full>(o, lanes(Dv - c0 - 32 * cb), _mm512_permutex2var_ps(lo[r][cb], from0, hi[r][cb]));
-      store16_f32<Full>(o + 16, lanes(Dv - c0 - 32 * cb - 16), _mm512_permutex2var_ps(lo[r][cb], from1, hi[r][cb]));
+      store16<Full>(o, lanes(Dv - c0 - 32 * cb), _mm512_permutex2var_ps(lo[r][cb], from0, hi[r][cb]));
+      store16<Full>(o + 16, lanes(Dv - c0 - 32 * cb - 16), _mm512_permutex2var_ps(lo[r][cb], from1, hi[r][cb]));
     }
 }
 

@@ -120,9 +120,7 @@ def _check(q, k_cache, v_cache, k, v, cache_seqlens, block_table) -> tuple[Tenso
         if Lnew:
             raise ArgumentError(f"{_FN}: cache_seqlens is needed to append k and v")
         cache_seqlens = capacity
-    lens = None
     if isinstance(cache_seqlens, int):
-        lens = [cache_seqlens]
         cache_seqlens = torch.full((B,), cache_seqlens, dtype=torch.int32, device=dev)
     elif not isinstance(cache_seqlens, Tensor) or cache_seqlens.dtype not in (torch.int32, torch.int64) \
             or cache_seqlens.shape != (B,):
@@ -132,21 +130,23 @@ def _check(q, k_cache, v_cache, k, v, cache_seqlens, block_table) -> tuple[Tenso
     # the values: here on the CPU (the C++ op checks them again, for direct calls); a GPU op
     # body checks them itself, and so does every op body under torch.compile
     if cpu and not torch.compiler.is_compiling():
-        _check_values(k_cache, cache_seqlens, block_table, Lnew, _FN, lens)
+        _check_values(k_cache, cache_seqlens, block_table, Lnew, _FN)
     return cache_seqlens, block_table
 
 
-def _check_values(k_cache, cache_seqlens, block_table, Lnew: int, fn: str, lens: Optional[list] = None) -> None:
+def _check_values(k_cache, cache_seqlens, block_table, Lnew: int, fn: str) -> None:
     """Every write inside the cache, every block id used inside the pool (before a write).
-    lens: the lengths as a list when the caller has them (a CPU step reads them as one: a
-    decode step's batch is small, and a list is cheaper than a reduction op)."""
+    On the CPU the lengths are read as one list (a decode step's batch is small, and a list
+    is cheaper than a reduction op and two reads of its result)."""
     if cache_seqlens.numel() == 0:
         return
     rows = k_cache.shape[2]
     capacity = block_table.shape[1] * rows if block_table is not None else rows
-    if lens is None and cache_seqlens.is_cpu:
+    if cache_seqlens.is_cpu:
         lens = cache_seqlens.tolist()
-    lo, hi = (min(lens), max(lens)) if lens is not None else (int(x) for x in torch.aminmax(cache_seqlens))
+        lo, hi = min(lens), max(lens)
+    else:
+        lo, hi = (int(x) for x in torch.aminmax(cache_seqlens))
     if lo < 0 or hi + Lnew > capacity:
         raise ArgumentError(f"{fn}: cache_seqlens + Lnew must lie in [0, {capacity}] (the cache's positions), "
                             f"got cache_seqlens in [{lo}, {hi}] with Lnew = {Lnew}")
